@@ -1,0 +1,109 @@
+//! Timing helpers for `lumen bench`: warm-up, repeated runs, median, and the
+//! process' peak resident set size. Comparisons against the reference
+//! implementations are made by `scripts/bench_*.py`, which run both sides on
+//! the same machine, with the same weights, in one go.
+
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use serde::Serialize;
+
+use crate::error::Result;
+use crate::pipeline::layout::LayoutModel;
+
+/// Timings of one benchmarked stage, in milliseconds.
+#[derive(Debug, Serialize)]
+pub struct StageTiming {
+    pub stage: String,
+    pub runs_ms: Vec<f64>,
+    pub median_ms: f64,
+    pub min_ms: f64,
+    pub mean_ms: f64,
+}
+
+impl StageTiming {
+    pub fn from_runs(stage: impl Into<String>, runs_ms: Vec<f64>) -> Self {
+        let mut sorted = runs_ms.clone();
+        sorted.sort_by(f64::total_cmp);
+        let n = sorted.len().max(1);
+        let median = if sorted.is_empty() {
+            f64::NAN
+        } else if n % 2 == 1 {
+            sorted[n / 2]
+        } else {
+            0.5 * (sorted[n / 2 - 1] + sorted[n / 2])
+        };
+        Self {
+            stage: stage.into(),
+            median_ms: median,
+            min_ms: sorted.first().copied().unwrap_or(f64::NAN),
+            mean_ms: runs_ms.iter().sum::<f64>() / n as f64,
+            runs_ms,
+        }
+    }
+}
+
+/// Run `f` `warmup` times untimed, then `runs` times timed (device synchronized).
+pub fn time_runs(
+    device: &Device,
+    warmup: usize,
+    runs: usize,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<Vec<f64>> {
+    for _ in 0..warmup {
+        f()?;
+        device.synchronize()?;
+    }
+    let mut out = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let t = Instant::now();
+        f()?;
+        device.synchronize()?;
+        out.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(out)
+}
+
+/// Peak resident set size of this process (Linux `VmHWM`), in bytes.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Deterministic pseudo-random normalized pixels `[batch, 3, size, size]`.
+pub fn synthetic_pixels(batch: usize, size: usize, device: &Device) -> Result<Tensor> {
+    let n = batch * 3 * size * size;
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let data: Vec<f32> = (0..n)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            ((state >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
+        })
+        .collect();
+    Ok(Tensor::from_vec(data, (batch, 3, size, size), device)?)
+}
+
+/// Time the encoder forward pass (patch embedding through the final
+/// layernorm) on `batch` images of `size × size` pixels.
+pub fn bench_encoder(
+    model: &LayoutModel,
+    size: usize,
+    batch: usize,
+    warmup: usize,
+    runs: usize,
+) -> Result<StageTiming> {
+    let device = model.encoder.device().clone();
+    let pixels = synthetic_pixels(batch, size, &device)?;
+    let runs = time_runs(&device, warmup, runs, || {
+        model.encoder.forward(&pixels)?;
+        Ok(())
+    })?;
+    Ok(StageTiming::from_runs(
+        format!("encoder {size}x{size} batch {batch}"),
+        runs,
+    ))
+}

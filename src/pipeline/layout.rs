@@ -1,0 +1,190 @@
+//! Guide image → neural layout: resize and normalize on the host, run the
+//! encoder over batches of same-sized inputs, project the patch tokens onto
+//! the top K PCA components. No HTTP and no file formats beyond the layout's
+//! own outputs.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use image::RgbImage;
+
+use crate::config::{LumenSettings, ModelSource};
+use crate::error::{Error, Result};
+use crate::guide;
+use crate::models::dinov2::Dinov2;
+use crate::models::pca::Pca;
+
+/// Largest number of images one encoder call processes.
+pub const MAX_ENCODER_BATCH: usize = 8;
+
+/// The layout half of a model set, resident on one device.
+pub struct LayoutModel {
+    pub encoder: Dinov2,
+    pub pca: Pca,
+    pub settings: LumenSettings,
+    identity: String,
+}
+
+/// A guide image ready for the encoder.
+#[derive(Clone, Debug)]
+pub struct PreparedGuide {
+    /// Normalized pixels `[3, H, W]` on the host.
+    pub pixels: Tensor,
+    /// Patch grid `(rows, cols)`.
+    pub grid: (usize, usize),
+    /// Size of the original guide image `(width, height)`.
+    pub source_size: (u32, u32),
+}
+
+/// A neural layout: `[K, rows, cols]` f32 on the host.
+#[derive(Clone, Debug)]
+pub struct Layout {
+    pub data: Tensor,
+    pub components: usize,
+    pub grid: (usize, usize),
+}
+
+impl LayoutModel {
+    /// Load encoder, PCA basis and settings from a model folder.
+    pub fn load(src: &ModelSource, device: &Device) -> Result<Self> {
+        let settings = LumenSettings::load(src)?;
+        let encoder = Dinov2::load(src, device, DType::F32)?;
+        let pca = Pca::load(src, device)?;
+        if pca.dim() != encoder.hidden_size() {
+            return Err(Error::model_file(
+                format!("{}/pca.safetensors", src.identity()),
+                format!(
+                    "basis has width {} but the encoder's hidden_size is {}",
+                    pca.dim(),
+                    encoder.hidden_size()
+                ),
+            ));
+        }
+        if settings.default_components == Some(0) {
+            return Err(Error::model_file(
+                format!("{}/lumen.json", src.identity()),
+                "default_components must be at least 1",
+            ));
+        }
+        Ok(Self {
+            encoder,
+            pca,
+            settings,
+            identity: src.identity(),
+        })
+    }
+
+    pub fn identity(&self) -> &str {
+        &self.identity
+    }
+
+    /// K used when a request names none: `lumen.json`'s `default_components`
+    /// (at most Kmax), else Kmax.
+    pub fn default_components(&self) -> usize {
+        let kmax = self.pca.max_components();
+        self.settings
+            .default_components
+            .map_or(kmax, |k| k.min(kmax))
+    }
+
+    /// Resize and normalize a decoded guide (host only; safe to run off the
+    /// inference thread).
+    pub fn prepare(&self, img: &RgbImage, layout_size: Option<u32>) -> Result<PreparedGuide> {
+        prepare_guide(
+            &self.encoder,
+            img,
+            layout_size.unwrap_or(self.settings.layout_size),
+        )
+    }
+
+    /// Patch tokens `[rows·cols, D]` for each guide (see [`encode_guides`]).
+    pub fn encode(&self, guides: &[&PreparedGuide]) -> Result<Vec<Tensor>> {
+        encode_guides(&self.encoder, guides)
+    }
+
+    /// Project patch tokens onto the top `k` components: `[k, rows, cols]` on the host.
+    pub fn project(&self, tokens: &Tensor, grid: (usize, usize), k: usize) -> Result<Layout> {
+        let data = self
+            .pca
+            .project(tokens, k)?
+            .t()?
+            .reshape((k, grid.0, grid.1))?
+            .to_device(&Device::Cpu)?;
+        Ok(Layout {
+            data,
+            components: k,
+            grid,
+        })
+    }
+
+    /// Layouts for several guides, each with its own K, encoded in batches.
+    pub fn layouts(&self, guides: &[(&PreparedGuide, usize)]) -> Result<Vec<Layout>> {
+        for (_, k) in guides {
+            self.pca.check_components(*k)?;
+        }
+        let refs: Vec<&PreparedGuide> = guides.iter().map(|(g, _)| *g).collect();
+        let tokens = self.encode(&refs)?;
+        tokens
+            .iter()
+            .zip(guides)
+            .map(|(t, (g, k))| self.project(t, g.grid, *k))
+            .collect()
+    }
+}
+
+/// Resize and normalize a decoded guide for `encoder` at `layout_size`.
+pub fn prepare_guide(encoder: &Dinov2, img: &RgbImage, layout_size: u32) -> Result<PreparedGuide> {
+    let patch = encoder.patch_size() as u32;
+    let resized = guide::resize_for_layout(img, layout_size, patch)?;
+    let pixels = guide::normalize(&resized)?;
+    let grid = encoder.grid(resized.height() as usize, resized.width() as usize);
+    Ok(PreparedGuide {
+        pixels,
+        grid,
+        source_size: img.dimensions(),
+    })
+}
+
+/// Patch tokens `[rows·cols, D]` for each guide. Guides with the same input
+/// size run through the encoder together, up to [`MAX_ENCODER_BATCH`] at a time.
+pub fn encode_guides(encoder: &Dinov2, guides: &[&PreparedGuide]) -> Result<Vec<Tensor>> {
+    let mut out: Vec<Option<Tensor>> = vec![None; guides.len()];
+    let mut groups: Vec<(&[usize], Vec<usize>)> = Vec::new();
+    for (i, g) in guides.iter().enumerate() {
+        let dims = g.pixels.dims();
+        match groups
+            .iter_mut()
+            .find(|(d, idx)| *d == dims && idx.len() < MAX_ENCODER_BATCH)
+        {
+            Some((_, idx)) => idx.push(i),
+            None => groups.push((dims, vec![i])),
+        }
+    }
+    for (_, idx) in groups {
+        let batch: Vec<Tensor> = idx.iter().map(|&i| guides[i].pixels.clone()).collect();
+        let pixels = Tensor::stack(&batch, 0)?.to_device(encoder.device())?;
+        let tokens = encoder.patch_tokens(&pixels)?;
+        for (j, &i) in idx.iter().enumerate() {
+            out[i] = Some(tokens.get(j)?);
+        }
+    }
+    out.into_iter()
+        .map(|t| t.ok_or_else(|| Error::Internal("a guide was not encoded".into())))
+        .collect()
+}
+
+impl Layout {
+    /// Write the layout as safetensors with one tensor, `layout` (f32 [K, h, w]).
+    pub fn save_safetensors(&self, path: &Path) -> Result<()> {
+        let map = [("layout".to_string(), self.data.clone())]
+            .into_iter()
+            .collect();
+        candle_core::safetensors::save(&map, path)
+            .map_err(|e| Error::io(path, std::io::Error::other(e.to_string())))
+    }
+
+    /// The preview picture at the guide's size.
+    pub fn preview(&self, width: u32, height: u32) -> Result<RgbImage> {
+        guide::preview(&self.data, width, height)
+    }
+}

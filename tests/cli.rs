@@ -1,0 +1,398 @@
+//! The `lumen` binary end to end: outputs of `layout` and `fit-pca`, and a
+//! clear error with a non-zero exit (never a panic) for every kind of bad input.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use candle_core::{Device, Tensor};
+use common::{assert_close, cases, reference, root};
+
+fn lumen(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_lumen"))
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("lumen runs")
+}
+
+/// Run and expect failure whose stderr mentions every needle.
+fn fails_with(args: &[&str], needles: &[&str]) {
+    let out = lumen(args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{args:?} should fail; stderr: {err}");
+    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    for n in needles {
+        assert!(err.contains(n), "{args:?}: stderr lacks `{n}`: {err}");
+    }
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn tiny_guide() -> (PathBuf, common::Guide) {
+    let (_, case) = cases().into_iter().find(|(n, _)| n == "tiny").unwrap();
+    let g = case.guides.into_iter().next().unwrap();
+    (root().join(&g.image), g)
+}
+
+/// A writable copy of models/tiny.
+fn tiny_copy() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let src = root().join("models/tiny");
+    std::fs::create_dir_all(dir.path().join("encoder")).unwrap();
+    for f in [
+        "encoder/config.json",
+        "encoder/model.safetensors",
+        "pca.safetensors",
+        "lumen.json",
+    ] {
+        std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
+    }
+    dir
+}
+
+#[test]
+fn layout_writes_safetensors_matching_reference() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("layout.safetensors");
+    let (img, g) = tiny_guide();
+    let ls = g.layout_size.to_string();
+    let o = lumen(&[
+        "layout",
+        "--image",
+        s(&img),
+        "--components",
+        "6",
+        "--layout-size",
+        &ls,
+        "--out",
+        s(&out),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let got = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
+    let layout = &got["layout"];
+    assert_eq!(layout.dims(), &[6, g.grid[0], g.grid[1]]);
+    let want = reference("tiny")[&format!("{}.layout", g.name)]
+        .narrow(0, 0, 6)
+        .unwrap();
+    assert_close("cli layout", layout, &want, 1e-4);
+}
+
+#[test]
+fn layout_png_preview_has_the_guide_size() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("preview.png");
+    let (img, _) = tiny_guide();
+    let o = lumen(&["layout", "--image", s(&img), "--out", s(&out)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let guide = image::open(&img).unwrap();
+    let preview = image::open(&out).unwrap();
+    assert_eq!(
+        (preview.width(), preview.height()),
+        (guide.width(), guide.height())
+    );
+    // Three min–max scaled channels: each spans the full range.
+    let rgb = preview.to_rgb8();
+    for c in 0..3 {
+        let vals: Vec<u8> = rgb.pixels().map(|p| p.0[c]).collect();
+        assert_eq!(*vals.iter().min().unwrap(), 0);
+        assert_eq!(*vals.iter().max().unwrap(), 255);
+    }
+}
+
+#[test]
+fn fit_pca_writes_a_basis_the_layout_command_accepts() {
+    let model = tiny_copy();
+    let pca = model.path().join("pca.safetensors");
+    std::fs::remove_file(&pca).unwrap();
+    let fit = root().join("tests/fixtures/images/fit");
+    let o = lumen(&[
+        "fit-pca",
+        "--models",
+        s(model.path()),
+        "--images",
+        s(&fit),
+        "--components",
+        "5",
+        "--max-images",
+        "4",
+        "--layout-size",
+        "112",
+        "--quiet",
+        "--out",
+        s(&pca),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("from 4 images"), "{stdout}");
+    let t = candle_core::safetensors::load(&pca, &Device::Cpu).unwrap();
+    assert_eq!(t["components"].dims(), &[5, 32]);
+    assert_eq!(t["mean"].dims(), &[32]);
+    assert_eq!(t["explained_variance"].dims(), &[5]);
+    let (img, _) = tiny_guide();
+    let out = model.path().join("l.safetensors");
+    let o = lumen(&[
+        "layout",
+        "--models",
+        s(model.path()),
+        "--image",
+        s(&img),
+        "-k",
+        "5",
+        "--out",
+        s(&out),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    fails_with(
+        &[
+            "layout",
+            "--models",
+            s(model.path()),
+            "--image",
+            s(&img),
+            "-k",
+            "6",
+            "--out",
+            s(&out),
+        ],
+        &["components", "1 to 5"],
+    );
+}
+
+#[test]
+fn bad_parameters_are_named() {
+    let (img, _) = tiny_guide();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("x.safetensors");
+    fails_with(
+        &["layout", "--image", s(&img), "-k", "0", "--out", s(&out)],
+        &["`components`", "1 to 16"],
+    );
+    fails_with(
+        &["layout", "--image", s(&img), "-k", "17", "--out", s(&out)],
+        &["`components`", "1 to 16"],
+    );
+    fails_with(
+        &[
+            "layout",
+            "--image",
+            s(&img),
+            "--layout-size",
+            "13",
+            "--out",
+            s(&out),
+        ],
+        &["`layout_size`", "one patch"],
+    );
+    fails_with(
+        &[
+            "layout",
+            "--image",
+            s(&img),
+            "--out",
+            s(&tmp.path().join("x.jpg")),
+        ],
+        &["`out`"],
+    );
+    fails_with(
+        &[
+            "layout",
+            "--image",
+            s(&tmp.path().join("none.png")),
+            "--out",
+            s(&out),
+        ],
+        &["none.png"],
+    );
+    fails_with(
+        &[
+            "layout",
+            "--image",
+            s(&img),
+            "--device",
+            "tpu",
+            "--out",
+            s(&out),
+        ],
+        &["`device`"],
+    );
+    let empty = tempfile::tempdir().unwrap();
+    fails_with(
+        &[
+            "fit-pca",
+            "--images",
+            s(empty.path()),
+            "--out",
+            s(&tmp.path().join("p.safetensors")),
+        ],
+        &["`images`"],
+    );
+    let fit = root().join("tests/fixtures/images/fit");
+    fails_with(
+        &[
+            "fit-pca",
+            "--images",
+            s(&fit),
+            "-k",
+            "33",
+            "--out",
+            s(&tmp.path().join("p.safetensors")),
+        ],
+        &["`components`"],
+    );
+}
+
+/// A PNG of `width × height` whose header is valid (right CRC) and whose
+/// pixel data is `data` (IDAT, may be garbage or absent).
+fn png_with_header(width: u32, height: u32, data: Option<&[u8]>) -> Vec<u8> {
+    let mut v = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut chunk = |kind: &[u8], body: &[u8]| {
+        v.extend((body.len() as u32).to_be_bytes());
+        let mut c = kind.to_vec();
+        c.extend(body);
+        v.extend(&c);
+        v.extend(crc32fast::hash(&c).to_be_bytes());
+    };
+    let mut ihdr = Vec::new();
+    ihdr.extend(width.to_be_bytes());
+    ihdr.extend(height.to_be_bytes());
+    ihdr.extend([8, 2, 0, 0, 0]); // 8-bit RGB
+    chunk(b"IHDR", &ihdr);
+    if let Some(d) = data {
+        chunk(b"IDAT", d);
+    }
+    chunk(b"IEND", &[]);
+    v
+}
+
+#[test]
+fn bad_images_get_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("x.safetensors");
+    let (img, _) = tiny_guide();
+    let good = std::fs::read(&img).unwrap();
+    let cases: Vec<(&str, Vec<u8>, &[&str])> = vec![
+        (
+            "text.png",
+            b"hello, not an image".to_vec(),
+            &["invalid image", "unrecognized"],
+        ),
+        (
+            "truncated.png",
+            good[..good.len() / 2].to_vec(),
+            &["invalid image"],
+        ),
+        ("empty.png", Vec::new(), &["invalid image"]),
+        ("zero.png", png_with_header(0, 10, None), &["invalid image"]),
+        (
+            "huge.png",
+            png_with_header(10_000, 10_000, Some(b"garbage")),
+            &["100000000 pixels", "40000000"],
+        ),
+        (
+            "garbage-data.png",
+            png_with_header(16, 16, Some(b"garbage")),
+            &["invalid image"],
+        ),
+    ];
+    for (name, bytes, needles) in cases {
+        let p = tmp.path().join(name);
+        std::fs::write(&p, bytes).unwrap();
+        fails_with(&["layout", "--image", s(&p), "--out", s(&out)], needles);
+    }
+}
+
+#[test]
+fn broken_model_folders_name_the_file_and_the_fault() {
+    let (img, _) = tiny_guide();
+    let run = |dir: &Path| {
+        let out = dir.join("x.safetensors");
+        vec![
+            "layout".to_string(),
+            "--models".into(),
+            s(dir).into(),
+            "--image".into(),
+            s(&img).into(),
+            "--out".into(),
+            s(&out).into(),
+        ]
+    };
+    let check = |dir: &Path, needles: &[&str]| {
+        let args = run(dir);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        fails_with(&args, needles);
+    };
+
+    let m = tiny_copy();
+    std::fs::remove_file(m.path().join("pca.safetensors")).unwrap();
+    check(m.path(), &["pca.safetensors", "missing"]);
+
+    let m = tiny_copy();
+    std::fs::remove_file(m.path().join("encoder/config.json")).unwrap();
+    check(m.path(), &["encoder/config.json", "missing"]);
+
+    let m = tiny_copy();
+    std::fs::write(m.path().join("encoder/config.json"), "{ not json").unwrap();
+    check(m.path(), &["encoder/config.json", "bad config"]);
+
+    let m = tiny_copy();
+    std::fs::write(
+        m.path().join("encoder/config.json"),
+        r#"{"hidden_size": 30, "num_attention_heads": 4}"#,
+    )
+    .unwrap();
+    check(m.path(), &["encoder/config.json", "divisible"]);
+
+    let m = tiny_copy();
+    let cfg = std::fs::read_to_string(m.path().join("encoder/config.json")).unwrap();
+    std::fs::write(
+        m.path().join("encoder/config.json"),
+        cfg.replace("\"hidden_size\": 32", "\"hidden_size\": 64"),
+    )
+    .unwrap();
+    check(m.path(), &["model.safetensors", "shape mismatch"]);
+
+    let m = tiny_copy();
+    let w = m.path().join("encoder/model.safetensors");
+    let mut t = candle_core::safetensors::load(&w, &Device::Cpu).unwrap();
+    t.remove("encoder.layer.1.mlp.fc2.weight");
+    candle_core::safetensors::save(&t, &w).unwrap();
+    check(
+        m.path(),
+        &["model.safetensors", "encoder.layer.1.mlp.fc2.weight"],
+    );
+
+    let m = tiny_copy();
+    let w = m.path().join("encoder/model.safetensors");
+    let bytes = std::fs::read(&w).unwrap();
+    std::fs::write(&w, &bytes[..bytes.len() / 3]).unwrap();
+    check(m.path(), &["model.safetensors"]);
+
+    let m = tiny_copy();
+    let p = m.path().join("pca.safetensors");
+    let pca: std::collections::HashMap<String, Tensor> = [
+        (
+            "mean".to_string(),
+            Tensor::zeros(32, candle_core::DType::F32, &Device::Cpu).unwrap(),
+        ),
+        (
+            "components".to_string(),
+            Tensor::zeros((4, 31), candle_core::DType::F32, &Device::Cpu).unwrap(),
+        ),
+        (
+            "explained_variance".to_string(),
+            Tensor::ones(4, candle_core::DType::F32, &Device::Cpu).unwrap(),
+        ),
+    ]
+    .into_iter()
+    .collect();
+    candle_core::safetensors::save(&pca, &p).unwrap();
+    check(m.path(), &["pca.safetensors", "components"]);
+
+    let m = tiny_copy();
+    std::fs::write(m.path().join("lumen.json"), r#"{"layout_sise": 10}"#).unwrap();
+    check(m.path(), &["lumen.json", "layout_sise"]);
+}

@@ -1,0 +1,84 @@
+//! Shared helpers for the integration tests: fixture paths, the reference
+//! manifest written by scripts/make_fixtures.py, tolerance checks.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{Device, Tensor};
+use serde::Deserialize;
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Guide {
+    pub name: String,
+    pub image: String,
+    pub layout_size: u32,
+    pub grid: [usize; 2],
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ModelCase {
+    pub models: String,
+    pub kmax: usize,
+    pub registers: usize,
+    pub fit_images: String,
+    pub fit_layout_size: u32,
+    pub guides: Vec<Guide>,
+}
+
+/// `tests/fixtures/reference/cases.json`, by model name.
+pub fn cases() -> Vec<(String, ModelCase)> {
+    let path = root().join("tests/fixtures/reference/cases.json");
+    let text = std::fs::read_to_string(&path).expect("reference manifest");
+    let map: HashMap<String, ModelCase> = serde_json::from_str(&text).expect("manifest parses");
+    let mut v: Vec<_> = map.into_iter().collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+/// The reference tensors of one model.
+pub fn reference(name: &str) -> HashMap<String, Tensor> {
+    let path = root().join(format!("tests/fixtures/reference/{name}.safetensors"));
+    candle_core::safetensors::load(&path, &Device::Cpu).expect("reference tensors")
+}
+
+pub fn to_vec(t: &Tensor) -> Vec<f32> {
+    t.to_device(&Device::Cpu)
+        .unwrap()
+        .to_dtype(candle_core::DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+}
+
+/// (max |a − b|, max |b|) over two tensors of the same shape.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> (f32, f32) {
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    let (a, b) = (to_vec(a), to_vec(b));
+    let diff = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    let scale = b.iter().map(|y| y.abs()).fold(0f32, f32::max);
+    (diff, scale)
+}
+
+/// Assert max |a − b| ≤ rel · max |b|.
+pub fn assert_close(what: &str, a: &Tensor, b: &Tensor, rel: f32) {
+    let (diff, scale) = max_abs_diff(a, b);
+    assert!(
+        diff <= rel * scale,
+        "{what}: max |Δ| = {diff:e} exceeds {rel:e} · max|ref| ({scale:e})"
+    );
+    eprintln!(
+        "{what}: max |Δ| = {diff:.3e}, max|ref| = {scale:.3e}, ratio {:.3e}",
+        diff / scale
+    );
+}
