@@ -31,6 +31,12 @@ pub fn decode(bytes: &[u8], max_pixels: u64) -> Result<DynamicImage> {
             "unrecognized image format (expected PNG, JPEG or WebP)".into(),
         ));
     }
+    if r.format() == Some(image::ImageFormat::Jpeg) && !jpeg_is_complete(bytes) {
+        // The JPEG decoder fills missing scan data with grey instead of failing.
+        return Err(Error::InvalidImage(
+            "truncated JPEG: the data ends before the end-of-image marker".into(),
+        ));
+    }
     let (width, height) = r
         .into_dimensions()
         .map_err(|e| Error::InvalidImage(format!("cannot read image header: {e}")))?;
@@ -57,6 +63,42 @@ pub fn decode(bytes: &[u8], max_pixels: u64) -> Result<DynamicImage> {
     r.limits(limits);
     r.decode()
         .map_err(|e| Error::InvalidImage(format!("cannot decode image: {e}")))
+}
+
+/// Whether a JPEG stream reaches its end-of-image marker: walks the marker
+/// segments (skipping their payloads by length) and the entropy-coded scans
+/// (where 0xFF is byte-stuffed, so a marker there is real).
+fn jpeg_is_complete(b: &[u8]) -> bool {
+    if b.len() < 4 || b[0] != 0xFF || b[1] != 0xD8 {
+        return false;
+    }
+    let mut i = 2;
+    let mut in_scan = false;
+    while i + 1 < b.len() {
+        if b[i] != 0xFF {
+            if !in_scan {
+                return false;
+            }
+            i += 1;
+            continue;
+        }
+        let m = b[i + 1];
+        match m {
+            0xD9 => return true,
+            // Stuffed byte, fill bytes and restart markers stay inside a scan.
+            0x00 | 0xFF | 0xD0..=0xD7 if in_scan => i += if m == 0xFF { 1 } else { 2 },
+            0x01 | 0xD0..=0xD7 => i += 2,
+            _ => {
+                if i + 3 >= b.len() {
+                    return false;
+                }
+                let len = u16::from_be_bytes([b[i + 2], b[i + 3]]) as usize;
+                i += 2 + len;
+                in_scan = m == 0xDA;
+            }
+        }
+    }
+    false
 }
 
 /// Read and decode a guide image file.
@@ -177,6 +219,24 @@ mod tests {
         // very thin images keep at least one patch
         assert_eq!(layout_input_size(5000, 10, 518, 14).unwrap(), (518, 14));
         assert!(layout_input_size(100, 100, 13, 14).is_err());
+    }
+
+    #[test]
+    fn jpeg_completeness() {
+        let img = RgbImage::from_fn(40, 24, |x, y| {
+            image::Rgb([(x * 6) as u8, (y * 9) as u8, 77])
+        });
+        let mut buf = Vec::new();
+        DynamicImage::ImageRgb8(img)
+            .write_to(&mut Cursor::new(&mut buf), image::ImageFormat::Jpeg)
+            .unwrap();
+        assert!(jpeg_is_complete(&buf));
+        let mut trailing = buf.clone();
+        trailing.extend_from_slice(b"trailing bytes");
+        assert!(jpeg_is_complete(&trailing));
+        for cut in [buf.len() - 1, buf.len() / 2, 10, 3] {
+            assert!(!jpeg_is_complete(&buf[..cut]), "cut at {cut}");
+        }
     }
 
     #[test]

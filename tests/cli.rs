@@ -396,3 +396,83 @@ fn broken_model_folders_name_the_file_and_the_fault() {
     std::fs::write(m.path().join("lumen.json"), r#"{"layout_sise": 10}"#).unwrap();
     check(m.path(), &["lumen.json", "layout_sise"]);
 }
+
+/// Every colour mode and container decodes to the same RGB content.
+#[test]
+fn colour_modes_and_formats_give_consistent_layouts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (img, g) = tiny_guide();
+    let rgb = image::open(&img).unwrap().to_rgb8();
+    let layout_of = |p: &Path| {
+        let out = tmp.path().join("l.safetensors");
+        let ls = g.layout_size.to_string();
+        let o = lumen(&[
+            "layout",
+            "--image",
+            s(p),
+            "-k",
+            "4",
+            "--layout-size",
+            &ls,
+            "--out",
+            s(&out),
+        ]);
+        assert!(
+            o.status.success(),
+            "{p:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        candle_core::safetensors::load(&out, &Device::Cpu).unwrap()["layout"].clone()
+    };
+    let base = layout_of(&img);
+
+    // Lossless containers and opaque alpha / 16-bit depth: identical pixels.
+    let rgba = tmp.path().join("rgba.png");
+    image::DynamicImage::ImageRgb8(rgb.clone())
+        .to_rgba8()
+        .save(&rgba)
+        .unwrap();
+    let rgb16 = tmp.path().join("rgb16.png");
+    image::DynamicImage::ImageRgb8(rgb.clone())
+        .to_rgb16()
+        .save(&rgb16)
+        .unwrap();
+    let webp = tmp.path().join("lossless.webp");
+    image::DynamicImage::ImageRgb8(rgb.clone())
+        .save(&webp)
+        .unwrap();
+    for p in [&rgba, &rgb16, &webp] {
+        assert_eq!(
+            common::to_vec(&layout_of(p)),
+            common::to_vec(&base),
+            "{p:?}"
+        );
+    }
+    // Grey and JPEG: decodable, right shape.
+    let grey = tmp.path().join("grey.png");
+    image::DynamicImage::ImageRgb8(rgb.clone())
+        .to_luma8()
+        .save(&grey)
+        .unwrap();
+    let jpeg = tmp.path().join("photo.jpg");
+    image::DynamicImage::ImageRgb8(rgb.clone())
+        .save(&jpeg)
+        .unwrap();
+    for p in [&grey, &jpeg] {
+        assert_eq!(layout_of(p).dims(), base.dims(), "{p:?}");
+    }
+    // A JPEG cut short is refused.
+    let bytes = std::fs::read(&jpeg).unwrap();
+    let cut = tmp.path().join("cut.jpg");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    fails_with(
+        &[
+            "layout",
+            "--image",
+            s(&cut),
+            "--out",
+            s(&tmp.path().join("x.png")),
+        ],
+        &["invalid image"],
+    );
+}
