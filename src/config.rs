@@ -192,14 +192,19 @@ impl Weights {
     }
 
     /// `nn.Linear` as transformers and diffusers store it: `weight` [out, in], optional `bias` [out].
-    pub fn linear(&self, in_dim: usize, out_dim: usize, bias: bool) -> Result<candle_nn::Linear> {
+    pub fn linear(
+        &self,
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+    ) -> Result<crate::models::nn::Linear> {
         let w = self.get((out_dim, in_dim), "weight")?;
         let b = if bias {
             Some(self.get(out_dim, "bias")?)
         } else {
             None
         };
-        Ok(candle_nn::Linear::new(w, b))
+        Ok(crate::models::nn::Linear::new(w, b)?)
     }
 
     /// `nn.LayerNorm(dim, eps)` with affine `weight` and `bias`.

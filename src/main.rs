@@ -11,6 +11,11 @@ use lumen::pipeline::fit_pca::{fit_pca, list_images};
 use lumen::pipeline::layout::LayoutModel;
 use lumen::{bench, guide, Error, Result};
 
+// Tensor ops allocate large short-lived buffers; mimalloc reuses them instead
+// of returning them to the OS and page-faulting them back in.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// lumen: label-free neural semantic image synthesis.
 ///
 /// A guide image becomes a neural layout (DINOv2 patch features reduced by

@@ -1,8 +1,12 @@
 //! Scaled dot-product attention that never materializes more than a bounded
-//! slice of the score matrix: the (batch × heads) axis is processed in chunks
-//! sized so that one chunk's `[chunk, Nq, Nk]` scores stay under a budget.
+//! slice of the score matrix. f32 on the CPU goes through the fused kernel of
+//! [`super::cpu_attention`]; other devices and dtypes process the
+//! (batch × heads) axis in chunks sized so that one chunk's `[chunk, Nq, Nk]`
+//! scores stay under a budget.
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Device, Result, Storage, Tensor};
+
+use super::cpu_attention;
 
 /// Upper bound on the bytes of one chunk of attention scores.
 pub const SCORE_BUDGET_BYTES: usize = 256 << 20;
@@ -13,6 +17,13 @@ pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     let nk = k.dim(2)?;
     let dv = v.dim(3)?;
     let bh = b * h;
+    if q.device().is_cpu() && q.dtype() == DType::F32 {
+        let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+        let out = with_f32_slices(&q, &k, &v, |qs, ks, vs| {
+            cpu_attention::attention_f32(qs, ks, vs, bh, nq, nk, d, dv, scale as f32)
+        })?;
+        return Tensor::from_vec(out, (b, h, nq, dv), &Device::Cpu);
+    }
     let q = (q.reshape((bh, nq, d))? * scale)?;
     let k = k.reshape((bh, nk, d))?;
     let v = v.reshape((bh, nk, dv))?;
@@ -34,6 +45,30 @@ pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
         Tensor::cat(&outs, 0)?
     };
     out.reshape((b, h, nq, dv))
+}
+
+/// Borrow the host memory of three contiguous f32 CPU tensors.
+fn with_f32_slices<R>(
+    a: &Tensor,
+    b: &Tensor,
+    c: &Tensor,
+    f: impl FnOnce(&[f32], &[f32], &[f32]) -> R,
+) -> Result<R> {
+    let (sa, la) = a.storage_and_layout();
+    let (sb, lb) = b.storage_and_layout();
+    let (sc, lc) = c.storage_and_layout();
+    let slice = |s: &Storage, l: &candle_core::Layout| -> Result<*const [f32]> {
+        let (start, end) = l
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("attention input is not contiguous".into()))?;
+        match s {
+            Storage::Cpu(cpu) => Ok(&cpu.as_slice::<f32>()?[start..end] as *const [f32]),
+            _ => candle_core::bail!("attention input is not on the CPU"),
+        }
+    };
+    let (pa, pb, pc) = (slice(&sa, la)?, slice(&sb, lb)?, slice(&sc, lc)?);
+    // SAFETY: the storage guards above are held until `f` returns.
+    Ok(unsafe { f(&*pa, &*pb, &*pc) })
 }
 
 /// Split `[B, N, H·d]` into heads `[B, H, N, d]`.

@@ -21,13 +21,14 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{LayerNorm, Linear};
+use candle_nn::LayerNorm;
 use serde::Deserialize;
 
 use crate::config::{ModelSource, Weights};
 use crate::error::{Error, Result};
 use crate::models::attention;
 use crate::models::interpolate::{resize_bicubic, Bicubic};
+use crate::models::nn::Linear;
 
 /// `encoder/config.json`, as transformers' `Dinov2Config` /
 /// `Dinov2WithRegistersConfig` writes it. Defaults are transformers'.
@@ -137,7 +138,7 @@ impl Dinov2Config {
                 "hidden_size, num_attention_heads and num_hidden_layers must be positive".into(),
             );
         }
-        if self.hidden_size % self.num_attention_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return bad(format!(
                 "hidden_size {} is not divisible by num_attention_heads {}",
                 self.hidden_size, self.num_attention_heads
@@ -223,7 +224,7 @@ impl Mlp {
                 let gate = w.pp("gate_proj").linear(d, h, true)?;
                 let up = w.pp("up_proj").linear(d, h, true)?;
                 (
-                    stack_linear(&[gate, up])?,
+                    Linear::stack(&[gate, up])?,
                     w.pp("down_proj").linear(h, d, true)?,
                 )
             };
@@ -257,32 +258,6 @@ impl Mlp {
             }
         }
     }
-}
-
-/// Concatenate the outputs of several linears sharing an input into one.
-fn stack_linear(parts: &[Linear]) -> Result<Linear> {
-    let w: Vec<Tensor> = parts.iter().map(|l| l.weight().clone()).collect();
-    let w = Tensor::cat(&w, 0)?;
-    let b = if parts.iter().all(|l| l.bias().is_some()) {
-        let b: Vec<Tensor> = parts
-            .iter()
-            .map(|l| l.bias().expect("checked").clone())
-            .collect();
-        Some(Tensor::cat(&b, 0)?)
-    } else if parts.iter().all(|l| l.bias().is_none()) {
-        None
-    } else {
-        // Mixed: materialize zeros for the missing ones.
-        let b: Vec<Tensor> = parts
-            .iter()
-            .map(|l| match l.bias() {
-                Some(b) => Ok(b.clone()),
-                None => Tensor::zeros(l.weight().dim(0)?, l.weight().dtype(), l.weight().device()),
-            })
-            .collect::<candle_core::Result<_>>()?;
-        Some(Tensor::cat(&b, 0)?)
-    };
-    Ok(Linear::new(w, b))
 }
 
 struct Layer {
@@ -319,7 +294,7 @@ impl Layer {
         };
         Ok(Layer {
             norm1: w.pp("norm1").layer_norm(d, eps)?,
-            qkv: stack_linear(&[q, k, v])?,
+            qkv: Linear::stack(&[q, k, v])?,
             out,
             scale1: w.pp("layer_scale1").get(d, "lambda1")?,
             norm2: w.pp("norm2").layer_norm(d, eps)?,
