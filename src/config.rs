@@ -20,6 +20,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::models::safetensors_io::SafetensorsFiles;
 
 /// Default longer side of the image fed to the encoder (37 patches of 14).
 pub const DEFAULT_LAYOUT_SIZE: u32 = 518;
@@ -123,10 +124,9 @@ impl ModelSource {
                         ));
                     }
                 }
-                // SAFETY: the files are memory-mapped read-only; lumen never
-                // writes to a model folder while it is loaded.
-                unsafe { VarBuilder::from_mmaped_safetensors(&paths, dtype, device) }
-                    .map_err(|e| Error::model_file(&file, candle_message(&e)))?
+                let files = SafetensorsFiles::open(&paths)
+                    .map_err(|e| Error::model_file(&file, candle_message(&e)))?;
+                VarBuilder::from_backend(Box::new(files), dtype, device.clone())
             }
             ModelSource::Embedded => {
                 let data = crate::embedded::file(&single).ok_or_else(|| self.missing(&single))?;
@@ -189,6 +189,17 @@ impl Weights {
 
     pub fn dtype(&self) -> DType {
         self.vb.dtype()
+    }
+
+    /// The underlying candle `VarBuilder`, for candle's own building blocks.
+    /// Errors from it should be mapped with [`Weights::wrap`].
+    pub fn vb(&self) -> &VarBuilder<'static> {
+        &self.vb
+    }
+
+    /// Attach this checkpoint's file name to a loading error.
+    pub fn wrap(&self, e: candle_core::Error) -> Error {
+        Error::model_file(&self.file, candle_message(&e))
     }
 
     /// `nn.Linear` as transformers and diffusers store it: `weight` [out, in], optional `bias` [out].

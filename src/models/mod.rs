@@ -6,3 +6,4 @@ pub mod dinov2;
 pub mod interpolate;
 pub mod nn;
 pub mod pca;
+pub mod safetensors_io;
