@@ -11,9 +11,23 @@ macro_rules! embed {
 /// Every file of `models/tiny/`, by path relative to that folder.
 pub static FILES: &[(&str, &[u8])] = embed!(
     "lumen.json",
+    "model_index.json",
     "pca.safetensors",
     "encoder/config.json",
     "encoder/model.safetensors",
+    "text_encoder/config.json",
+    "text_encoder/model.safetensors",
+    "tokenizer/merges.txt",
+    "tokenizer/special_tokens_map.json",
+    "tokenizer/tokenizer_config.json",
+    "tokenizer/vocab.json",
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.safetensors",
+    "controlnet/config.json",
+    "controlnet/diffusion_pytorch_model.safetensors",
+    "vae/config.json",
+    "vae/diffusion_pytorch_model.safetensors",
+    "scheduler/scheduler_config.json",
 );
 
 /// The embedded file at `rel` (relative to `models/tiny/`).

@@ -13,6 +13,15 @@ pub const SCORE_BUDGET_BYTES: usize = 256 << 20;
 
 /// softmax(q·kᵀ·scale)·v for `q` [B, H, Nq, d], `k`/`v` [B, H, Nk, d].
 pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    attend(q, k, v, scale, false)
+}
+
+/// [`sdpa`] with a causal mask: query i attends to keys 0..=i.
+pub fn sdpa_causal(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    attend(q, k, v, scale, true)
+}
+
+fn attend(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: bool) -> Result<Tensor> {
     let (b, h, nq, d) = q.dims4()?;
     let nk = k.dim(2)?;
     let dv = v.dim(3)?;
@@ -20,7 +29,7 @@ pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     if q.device().is_cpu() && q.dtype() == DType::F32 {
         let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
         let out = with_f32_slices(&q, &k, &v, |qs, ks, vs| {
-            cpu_attention::attention_f32(qs, ks, vs, bh, nq, nk, d, dv, scale as f32)
+            cpu_attention::attention_f32(qs, ks, vs, bh, nq, nk, d, dv, scale as f32, causal)
         })?;
         return Tensor::from_vec(out, (b, h, nq, dv), &Device::Cpu);
     }
@@ -36,6 +45,11 @@ pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
         let kc = k.narrow(0, start, len)?.contiguous()?;
         let vc = v.narrow(0, start, len)?.contiguous()?;
         let scores = qc.matmul(&kc.t()?)?;
+        let scores = if causal {
+            scores.broadcast_add(&causal_mask(nq, nk, scores.dtype(), scores.device())?)?
+        } else {
+            scores
+        };
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         outs.push(probs.matmul(&vc)?);
     }
@@ -45,6 +59,14 @@ pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
         Tensor::cat(&outs, 0)?
     };
     out.reshape((b, h, nq, dv))
+}
+
+/// Additive mask `[nq, nk]`: 0 where key j ≤ query i, −∞ elsewhere.
+fn causal_mask(nq: usize, nk: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    let mask: Vec<f32> = (0..nq)
+        .flat_map(|i| (0..nk).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(mask, (nq, nk), device)?.to_dtype(dtype)
 }
 
 /// Borrow the host memory of three contiguous f32 CPU tensors.

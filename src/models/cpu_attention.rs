@@ -16,7 +16,7 @@ pub const Q_BLOCK: usize = 64;
 
 /// softmax(q·kᵀ·scale)·v over `bh` independent heads, all row-major and
 /// contiguous: `q` [bh, nq, d], `k` [bh, nk, d], `v` [bh, nk, dv]; returns
-/// [bh, nq, dv].
+/// [bh, nq, dv]. With `causal`, query i sees keys 0..=i only.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_f32(
     q: &[f32],
@@ -28,6 +28,7 @@ pub fn attention_f32(
     d: usize,
     dv: usize,
     scale: f32,
+    causal: bool,
 ) -> Vec<f32> {
     assert_eq!(q.len(), bh * nq * d, "q size");
     assert_eq!(k.len(), bh * nk * d, "k size");
@@ -82,7 +83,11 @@ pub fn attention_f32(
                     gemm::Parallelism::None,
                 );
             }
-            for row in s.chunks_exact_mut(nk) {
+            for (r, row) in s.chunks_exact_mut(nk).enumerate() {
+                if causal {
+                    let visible = (row0 + r + 1).min(nk);
+                    row[visible..].fill(f32::NEG_INFINITY);
+                }
                 softmax_in_place(row);
             }
             // SAFETY: dst is rows×dv (stride dv), s rows×nk, vh nk×dv.
@@ -321,7 +326,7 @@ mod tests {
             gen(bh * nk * dv, 3),
         );
         let scale = 0.25;
-        let got = attention_f32(&q, &k, &v, bh, nq, nk, d, dv, scale);
+        let got = attention_f32(&q, &k, &v, bh, nq, nk, d, dv, scale, false);
         for h in 0..bh {
             for i in 0..nq {
                 let s: Vec<f64> = (0..nk)

@@ -28,7 +28,7 @@ use crate::config::{ModelSource, Weights};
 use crate::error::{Error, Result};
 use crate::models::attention;
 use crate::models::interpolate::{resize_bicubic, Bicubic};
-use crate::models::nn::Linear;
+use crate::models::nn::{Activation, Linear};
 
 /// `encoder/config.json`, as transformers' `Dinov2Config` /
 /// `Dinov2WithRegistersConfig` writes it. Defaults are transformers'.
@@ -161,38 +161,6 @@ impl Dinov2Config {
         }
         Activation::parse(&self.hidden_act).map_err(|m| Error::model_file(file, m))?;
         Ok(())
-    }
-}
-
-#[derive(Clone, Copy, Debug)]
-enum Activation {
-    GeluErf,
-    GeluTanh,
-    Relu,
-    Silu,
-    QuickGelu,
-}
-
-impl Activation {
-    fn parse(name: &str) -> std::result::Result<Self, String> {
-        Ok(match name {
-            "gelu" => Self::GeluErf,
-            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Self::GeluTanh,
-            "relu" => Self::Relu,
-            "silu" | "swish" => Self::Silu,
-            "quick_gelu" => Self::QuickGelu,
-            other => return Err(format!("bad config: unsupported hidden_act `{other}`")),
-        })
-    }
-
-    fn apply(self, x: &Tensor) -> candle_core::Result<Tensor> {
-        match self {
-            Self::GeluErf => x.gelu_erf(),
-            Self::GeluTanh => x.gelu(),
-            Self::Relu => x.relu(),
-            Self::Silu => x.silu(),
-            Self::QuickGelu => x * candle_nn::ops::sigmoid(&(x * 1.702)?)?,
-        }
     }
 }
 

@@ -1,9 +1,16 @@
 //! Pure model code: tensors in, tensors out; checkpoint key paths in plain sight.
 
 pub mod attention;
+pub mod clip;
+pub mod controlnet;
 pub mod cpu_attention;
 pub mod dinov2;
 pub mod interpolate;
 pub mod nn;
 pub mod pca;
 pub mod safetensors_io;
+pub mod schedulers;
+pub mod transformer2d;
+pub mod unet;
+pub mod unet_blocks;
+pub mod vae;

@@ -59,3 +59,37 @@ impl Module for Linear {
         y.reshape(out_dims)
     }
 }
+
+/// The activations transformers configs name in `hidden_act`.
+#[derive(Clone, Copy, Debug)]
+pub enum Activation {
+    GeluErf,
+    GeluTanh,
+    Relu,
+    Silu,
+    QuickGelu,
+}
+
+impl Activation {
+    /// Parse a transformers `hidden_act` name.
+    pub fn parse(name: &str) -> std::result::Result<Self, String> {
+        Ok(match name {
+            "gelu" => Self::GeluErf,
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Self::GeluTanh,
+            "relu" => Self::Relu,
+            "silu" | "swish" => Self::Silu,
+            "quick_gelu" => Self::QuickGelu,
+            other => return Err(format!("bad config: unsupported hidden_act `{other}`")),
+        })
+    }
+
+    pub fn apply(self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::GeluErf => x.gelu_erf(),
+            Self::GeluTanh => x.gelu(),
+            Self::Relu => x.relu(),
+            Self::Silu => x.silu(),
+            Self::QuickGelu => x * candle_nn::ops::sigmoid(&(x * 1.702)?)?,
+        }
+    }
+}

@@ -2,3 +2,4 @@
 
 pub mod fit_pca;
 pub mod layout;
+pub mod synthesis;

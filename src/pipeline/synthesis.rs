@@ -1,0 +1,438 @@
+//! Layout-conditioned synthesis: text embeddings, seeded initial latents, the
+//! ControlNet + UNet denoising loop with classifier-free guidance, VAE decode.
+//! Orchestration only: the models are in `crate::models`.
+//!
+//! One call runs a batch of items that share size, steps, scheduler and
+//! whether guidance is on; each item has its own layout, prompts, guidance,
+//! control scale and seed. Each image's initial latents are drawn on the host
+//! from its own seeded ChaCha20 generator, so a seed gives the same image
+//! alone or in a batch, on any device.
+
+use candle_core::{DType, Device, Tensor};
+use image::RgbImage;
+use rand::SeedableRng;
+use rand_distr::{Distribution, StandardNormal};
+use serde::Serialize;
+
+use crate::config::ModelSource;
+use crate::error::{Error, Result};
+use crate::models::clip::TextConditioner;
+use crate::models::controlnet::ControlNet;
+use crate::models::schedulers::{self, SchedulerKind};
+use crate::models::unet::UNet;
+use crate::models::vae::Vae;
+use crate::pipeline::layout::{Layout, LayoutModel};
+
+/// Most denoising steps a request may ask for.
+pub const MAX_STEPS: usize = 1000;
+/// Longer side of the default output size.
+pub const DEFAULT_LONG_SIDE: u32 = 512;
+/// Largest output side.
+pub const MAX_SIDE: u32 = 2048;
+
+/// Everything a model folder holds, resident on one device.
+pub struct SynthesisModel {
+    pub layout: LayoutModel,
+    pub text: TextConditioner,
+    pub unet: UNet,
+    pub controlnet: ControlNet,
+    pub vae: Vae,
+    scheduler_config: serde_json::Value,
+    device: Device,
+    dtype: DType,
+}
+
+/// Per-request settings shared by a batch.
+#[derive(Clone, Debug, Serialize)]
+pub struct SynthesisSettings {
+    pub width: u32,
+    pub height: u32,
+    pub steps: usize,
+    pub scheduler: SchedulerKind,
+}
+
+/// One image to make.
+#[derive(Clone, Debug)]
+pub struct SynthesisItem {
+    /// The guide's layout `[K, h, w]` (K ≤ Kmax).
+    pub layout: Layout,
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub guidance: f64,
+    pub control_scale: f64,
+    pub seed: u64,
+    /// Unit-variance initial latents `[1, C, h, w]` overriding the seed.
+    pub latents: Option<Tensor>,
+}
+
+impl SynthesisModel {
+    /// Load every component of a model folder and check they fit together.
+    pub fn load(src: &ModelSource, device: &Device) -> Result<Self> {
+        let dtype = DType::F32;
+        let components: [(&str, &[&str]); 6] = [
+            ("unet", &["unet/config.json"]),
+            ("controlnet", &["controlnet/config.json"]),
+            ("vae", &["vae/config.json"]),
+            ("text_encoder", &["text_encoder/config.json"]),
+            (
+                "tokenizer",
+                &["tokenizer/tokenizer.json", "tokenizer/vocab.json"],
+            ),
+            ("scheduler", &["scheduler/scheduler_config.json"]),
+        ];
+        for (dir, files) in components {
+            if !files.iter().any(|f| src.has(f)) {
+                return Err(Error::model_file(
+                    format!("{}/{dir}", src.identity()),
+                    format!("the model folder has no `{dir}/` component (needed for synthesis)"),
+                ));
+            }
+        }
+        let layout = LayoutModel::load(src, device)?;
+        let text = TextConditioner::load(src, device, dtype)?;
+        let unet = UNet::load(src, device, dtype)?;
+        let controlnet = ControlNet::load(src, device, dtype)?;
+        let vae = Vae::load(src, device, dtype)?;
+        let scheduler_config: serde_json::Value =
+            src.read_json("scheduler/scheduler_config.json")?;
+        let kmax = layout.pca.max_components();
+        if controlnet.conditioning_channels != kmax {
+            return Err(Error::model_file(
+                "controlnet/config.json",
+                format!(
+                    "conditioning_channels is {} but the PCA basis has {kmax} components; \
+                     the ControlNet must be trained on this basis",
+                    controlnet.conditioning_channels
+                ),
+            ));
+        }
+        if controlnet.conditioning_factor != vae.factor {
+            return Err(Error::model_file(
+                "controlnet/config.json",
+                format!(
+                    "the conditioning embedding downsamples by {} but the VAE by {}",
+                    controlnet.conditioning_factor, vae.factor
+                ),
+            ));
+        }
+        let text_dim = text.encoder.config().hidden_size;
+        for (name, dim) in [
+            ("unet", unet.layout.cross_attention_dim),
+            ("controlnet", controlnet.layout.cross_attention_dim),
+        ] {
+            if dim != text_dim {
+                return Err(Error::model_file(
+                    format!("{name}/config.json"),
+                    format!("cross_attention_dim {dim} does not match the text encoder's hidden_size {text_dim}"),
+                ));
+            }
+        }
+        if unet.layout.in_channels != vae.latent_channels
+            || unet.out_channels != vae.latent_channels
+        {
+            return Err(Error::model_file(
+                "unet/config.json",
+                format!(
+                    "in/out channels do not match the VAE's latent_channels {}",
+                    vae.latent_channels
+                ),
+            ));
+        }
+        Ok(Self {
+            layout,
+            text,
+            unet,
+            controlnet,
+            vae,
+            scheduler_config,
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Output sides must be multiples of this (VAE factor × UNet downsampling).
+    pub fn size_multiple(&self) -> u32 {
+        (self.vae.factor * self.unet.layout.downsample_factor()) as u32
+    }
+
+    /// The default output size for a guide of `width × height`: its aspect
+    /// with the longer side 512, both sides rounded to [`Self::size_multiple`].
+    pub fn default_size(&self, width: u32, height: u32) -> (u32, u32) {
+        let m = self.size_multiple();
+        let long = DEFAULT_LONG_SIDE.div_ceil(m) * m;
+        let short = |s: u32, l: u32| {
+            (((s as f64 * long as f64 / l as f64) / m as f64).round() as u32).max(1) * m
+        };
+        if width >= height {
+            (long, short(height, width))
+        } else {
+            (short(width, height), long)
+        }
+    }
+
+    /// The scheduler default: the folder's own class when lumen has it, else DDIM.
+    pub fn default_scheduler(&self) -> SchedulerKind {
+        self.scheduler_config
+            .get("_class_name")
+            .and_then(|c| c.as_str())
+            .and_then(SchedulerKind::from_class_name)
+            .unwrap_or(SchedulerKind::Ddim)
+    }
+
+    /// Check shared settings before any work is queued.
+    pub fn check_settings(&self, s: &SynthesisSettings) -> Result<()> {
+        let m = self.size_multiple();
+        for (name, v) in [("width", s.width), ("height", s.height)] {
+            if v == 0 || v % m != 0 || v > MAX_SIDE {
+                return Err(Error::param(
+                    name,
+                    format!("{v} must be a positive multiple of {m} (VAE factor × UNet downsampling), at most {MAX_SIDE}"),
+                ));
+            }
+        }
+        if s.steps == 0 || s.steps > MAX_STEPS {
+            return Err(Error::param(
+                "steps",
+                format!("{} is out of range 1..={MAX_STEPS}", s.steps),
+            ));
+        }
+        // Builds the scheduler once to surface config errors early.
+        schedulers::build(
+            s.scheduler,
+            &self.scheduler_config,
+            s.steps,
+            "scheduler/scheduler_config.json",
+        )?;
+        Ok(())
+    }
+
+    /// Check one item against the model.
+    pub fn check_item(&self, item: &SynthesisItem, s: &SynthesisSettings) -> Result<()> {
+        for (name, v) in [
+            ("guidance_scale", item.guidance),
+            ("control_scale", item.control_scale),
+        ] {
+            if !v.is_finite() {
+                return Err(Error::param(name, format!("{v} is not a finite number")));
+            }
+        }
+        self.layout.pca.check_components(item.layout.components)?;
+        if let Some(l) = &item.latents {
+            let want = self.latent_shape(s);
+            if l.dims() != want {
+                return Err(Error::param(
+                    "latents",
+                    format!(
+                        "shape {:?} does not match {want:?} for {}x{}",
+                        l.dims(),
+                        s.width,
+                        s.height
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// `[1, C, h, w]` of one image's latents.
+    pub fn latent_shape(&self, s: &SynthesisSettings) -> [usize; 4] {
+        let f = self.vae.factor;
+        [
+            1,
+            self.vae.latent_channels,
+            s.height as usize / f,
+            s.width as usize / f,
+        ]
+    }
+
+    /// Unit-variance Gaussian latents from `seed` (ChaCha20, drawn on the host).
+    pub fn seeded_latents(&self, s: &SynthesisSettings, seed: u64) -> Result<Tensor> {
+        let shape = self.latent_shape(s);
+        let n: usize = shape.iter().product();
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(seed);
+        let data: Vec<f32> = (0..n).map(|_| StandardNormal.sample(&mut rng)).collect();
+        Ok(Tensor::from_vec(data, &shape[..], &Device::Cpu)?)
+    }
+
+    /// The ControlNet input for a layout: K channels zero-padded to Kmax and
+    /// upsampled bilinearly (align_corners = false) to `height × width`.
+    pub fn conditioning(&self, layout: &Layout, width: u32, height: u32) -> Result<Tensor> {
+        let kmax = self.controlnet.conditioning_channels;
+        let (k, gh, gw) = layout.data.dims3()?;
+        let padded = if k < kmax {
+            let zeros = Tensor::zeros((kmax - k, gh, gw), DType::F32, &Device::Cpu)?;
+            Tensor::cat(&[&layout.data.to_device(&Device::Cpu)?, &zeros], 0)?
+        } else {
+            layout.data.to_device(&Device::Cpu)?
+        };
+        let up =
+            padded
+                .unsqueeze(0)?
+                .upsample_bilinear2d(height as usize, width as usize, false)?;
+        Ok(up.to_device(&self.device)?.to_dtype(self.dtype)?)
+    }
+
+    /// Text embeddings `[2, L, D]` (negative, positive) or `[1, L, D]` (positive only).
+    pub fn text_embeddings(&self, prompt: &str, negative: &str, cfg: bool) -> Result<Tensor> {
+        if cfg {
+            self.text.encode(&[negative, prompt], &self.device)
+        } else {
+            self.text.encode(&[prompt], &self.device)
+        }
+    }
+
+    /// Run the denoising loop for a batch and decode the images.
+    /// `progress(step, total)` is called after each step.
+    pub fn generate(
+        &self,
+        s: &SynthesisSettings,
+        items: &[SynthesisItem],
+        mut progress: impl FnMut(usize, usize),
+    ) -> Result<Vec<RgbImage>> {
+        let latents = self.denoise(s, items, &mut progress)?;
+        (0..items.len())
+            .map(|i| self.decode(&latents.narrow(0, i, 1)?))
+            .collect()
+    }
+
+    /// The denoising loop alone: final latents `[B, C, h, w]`.
+    pub fn denoise(
+        &self,
+        s: &SynthesisSettings,
+        items: &[SynthesisItem],
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Tensor> {
+        self.denoise_with(s, items, progress, &mut |_, _| Ok(()))
+    }
+
+    /// [`Self::denoise`] with a hook that sees each step's guided noise prediction.
+    pub fn denoise_with(
+        &self,
+        s: &SynthesisSettings,
+        items: &[SynthesisItem],
+        progress: &mut dyn FnMut(usize, usize),
+        on_noise_pred: &mut dyn FnMut(usize, &Tensor) -> Result<()>,
+    ) -> Result<Tensor> {
+        if items.is_empty() {
+            return Err(Error::param("num_images", "nothing to generate"));
+        }
+        self.check_settings(s)?;
+        for it in items {
+            self.check_item(it, s)?;
+        }
+        let b = items.len();
+        let cfg = items[0].guidance > 1.0;
+        if items.iter().any(|it| (it.guidance > 1.0) != cfg) {
+            return Err(Error::Internal(
+                "a batch mixes guided and unguided items".into(),
+            ));
+        }
+        let mut scheduler = schedulers::build(
+            s.scheduler,
+            &self.scheduler_config,
+            s.steps,
+            "scheduler/scheduler_config.json",
+        )?;
+
+        // Text: [uncond_1..B, cond_1..B] with guidance, [cond_1..B] without.
+        let mut uncond = Vec::with_capacity(b);
+        let mut cond = Vec::with_capacity(b);
+        for it in items {
+            let e = self.text_embeddings(&it.prompt, &it.negative_prompt, cfg)?;
+            if cfg {
+                uncond.push(e.narrow(0, 0, 1)?);
+                cond.push(e.narrow(0, 1, 1)?);
+            } else {
+                cond.push(e);
+            }
+        }
+        let text = Tensor::cat(&[uncond, cond].concat(), 0)?;
+        let conds = items
+            .iter()
+            .map(|it| self.conditioning(&it.layout, s.width, s.height))
+            .collect::<Result<Vec<_>>>()?;
+        let control = Tensor::cat(&conds, 0)?;
+        let control = if cfg {
+            Tensor::cat(&[&control, &control], 0)?
+        } else {
+            control
+        };
+        let scales: Vec<f32> = items.iter().map(|it| it.control_scale as f32).collect();
+        let scales = if cfg {
+            [scales.clone(), scales].concat()
+        } else {
+            scales
+        };
+        let n = scales.len();
+        let control_scale =
+            Tensor::from_vec(scales, (n, 1, 1, 1), &self.device)?.to_dtype(self.dtype)?;
+        let guidance: Vec<f32> = items.iter().map(|it| it.guidance as f32).collect();
+        let guidance =
+            Tensor::from_vec(guidance, (b, 1, 1, 1), &self.device)?.to_dtype(self.dtype)?;
+
+        let init = items
+            .iter()
+            .map(|it| match &it.latents {
+                Some(l) => Ok(l.clone()),
+                None => self.seeded_latents(s, it.seed),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut x = (Tensor::cat(&init, 0)?
+            .to_device(&self.device)?
+            .to_dtype(self.dtype)?
+            * scheduler.init_noise_sigma())?;
+
+        let timesteps = scheduler.timesteps().to_vec();
+        for (i, &t) in timesteps.iter().enumerate() {
+            let input = if cfg {
+                Tensor::cat(&[&x, &x], 0)?
+            } else {
+                x.clone()
+            };
+            let input = scheduler.scale_model_input(&input, i)?;
+            let (down, mid) = self.controlnet.forward(&input, t, &text, &control)?;
+            let down = down
+                .iter()
+                .map(|d| d.broadcast_mul(&control_scale))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            let mid = mid.broadcast_mul(&control_scale)?;
+            let eps = self
+                .unet
+                .forward(&input, t, &text, Some(&down), Some(&mid))?;
+            let eps = if cfg {
+                let u = eps.narrow(0, 0, b)?;
+                let c = eps.narrow(0, b, b)?;
+                (&u + (c - &u)?.broadcast_mul(&guidance)?)?
+            } else {
+                eps
+            };
+            on_noise_pred(i, &eps)?;
+            x = scheduler.step(&eps, i, &x)?;
+            progress(i + 1, timesteps.len());
+        }
+        Ok(x)
+    }
+
+    /// Decode one image's latents `[1, C, h, w]` to 8-bit RGB, as diffusers'
+    /// image processor does: (x / 2 + 0.5) clamped to [0, 1], × 255, rounded.
+    pub fn decode(&self, latents: &Tensor) -> Result<RgbImage> {
+        let img = self.vae.decode(latents)?;
+        let img = ((img / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
+        let img = (img * 255.0)?
+            .round()?
+            .to_dtype(DType::U8)?
+            .squeeze(0)?
+            .permute((1, 2, 0))?;
+        let (h, w, _) = img.dims3()?;
+        let data = img
+            .to_device(&Device::Cpu)?
+            .flatten_all()?
+            .to_vec1::<u8>()?;
+        RgbImage::from_raw(w as u32, h as u32, data)
+            .ok_or_else(|| Error::Internal("decoded image has a bad size".into()))
+    }
+}
