@@ -144,8 +144,8 @@ CONFIGS = {
     "tiny": dict(
         out="models/tiny",
         kmax=16,
-        width=40,
-        height=28,
+        width=64,
+        height=48,
         seed=2000,
         unet=dict(
             sample_size=8,
@@ -158,11 +158,11 @@ CONFIGS = {
             norm_num_groups=8,
             use_linear_projection=False,
         ),
-        cond_embedding=(8, 16),
+        cond_embedding=(8, 8, 16, 16),
         vae=dict(
-            block_out_channels=(16, 32),
-            down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2,
+            block_out_channels=(8, 16, 16, 16),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
             layers_per_block=1,
             latent_channels=4,
             norm_num_groups=8,

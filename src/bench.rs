@@ -72,9 +72,9 @@ pub fn peak_rss_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
-/// Deterministic pseudo-random normalized pixels `[batch, 3, size, size]`.
-pub fn synthetic_pixels(batch: usize, size: usize, device: &Device) -> Result<Tensor> {
-    let n = batch * 3 * size * size;
+/// Deterministic pseudo-random values in [-2, 2) of any shape.
+pub fn synthetic(shape: &[usize], device: &Device) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
     let mut state = 0x9E37_79B9_7F4A_7C15u64;
     let data: Vec<f32> = (0..n)
         .map(|_| {
@@ -84,7 +84,7 @@ pub fn synthetic_pixels(batch: usize, size: usize, device: &Device) -> Result<Te
             ((state >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
         })
         .collect();
-    Ok(Tensor::from_vec(data, (batch, 3, size, size), device)?)
+    Ok(Tensor::from_vec(data, shape, device)?)
 }
 
 /// Time the encoder forward pass (patch embedding through the final
@@ -97,7 +97,7 @@ pub fn bench_encoder(
     runs: usize,
 ) -> Result<StageTiming> {
     let device = model.encoder.device().clone();
-    let pixels = synthetic_pixels(batch, size, &device)?;
+    let pixels = synthetic(&[batch, 3, size, size], &device)?;
     let runs = time_runs(&device, warmup, runs, || {
         model.encoder.forward(&pixels)?;
         Ok(())
@@ -106,4 +106,54 @@ pub fn bench_encoder(
         format!("encoder {size}x{size} batch {batch}"),
         runs,
     ))
+}
+
+/// Time the synthesis stages on a loaded model set: text encoding (two
+/// prompts), one classifier-free-guidance step (ControlNet + UNet, batch 2)
+/// and one VAE decode at each output side in `sizes`.
+pub fn bench_synthesis(
+    model: &crate::pipeline::synthesis::SynthesisModel,
+    sizes: &[u32],
+    stages: &[String],
+    warmup: usize,
+    runs: usize,
+) -> Result<Vec<StageTiming>> {
+    let device = model.device().clone();
+    let wanted = |s: &str| stages.is_empty() || stages.iter().any(|x| s.starts_with(x.as_str()));
+    let mut out = Vec::new();
+    let text = model.text_embeddings("a red house by the sea", "blurry, dark", true)?;
+    if wanted("text_encoder") {
+        let t = time_runs(&device, warmup, runs, || {
+            model.text_embeddings("a red house by the sea", "blurry, dark", true)?;
+            Ok(())
+        })?;
+        out.push(StageTiming::from_runs("text_encoder", t));
+    }
+    let f = model.vae.factor;
+    let c = model.vae.latent_channels;
+    let kmax = model.controlnet.conditioning_channels;
+    for &s in sizes {
+        let s = s as usize;
+        if wanted("cfg_step") {
+            let latents = synthetic(&[2, c, s / f, s / f], &device)?;
+            let cond = synthetic(&[2, kmax, s, s], &device)?;
+            let t = time_runs(&device, warmup, runs, || {
+                let (down, mid) = model.controlnet.forward(&latents, 500.0, &text, &cond)?;
+                model
+                    .unet
+                    .forward(&latents, 500.0, &text, Some(&down), Some(&mid))?;
+                Ok(())
+            })?;
+            out.push(StageTiming::from_runs(format!("cfg_step_{s}"), t));
+        }
+        if wanted("vae_decode") {
+            let z = synthetic(&[1, c, s / f, s / f], &device)?;
+            let t = time_runs(&device, warmup, runs, || {
+                model.vae.decode(&z)?;
+                Ok(())
+            })?;
+            out.push(StageTiming::from_runs(format!("vae_decode_{s}"), t));
+        }
+    }
+    Ok(out)
 }

@@ -1,8 +1,10 @@
 //! lumen: label-free neural semantic image synthesis (LUMEN, ECCV 2024) as an
 //! inference service.
 //!
-//! - [`models`]: pure model code (DINOv2 encoder, PCA basis, resampling).
-//! - [`pipeline`]: orchestration (guide image → neural layout, PCA fitting).
+//! - [`models`]: pure model code (DINOv2, PCA, CLIP text, UNet, ControlNet,
+//!   VAE, schedulers).
+//! - [`pipeline`]: orchestration (guide image → neural layout, PCA fitting,
+//!   layout-conditioned synthesis).
 //! - [`guide`]: guide-image decoding, resizing, normalization, previews.
 //! - [`config`]: model folders and lumen's own settings.
 
@@ -13,5 +15,6 @@ pub mod error;
 pub mod guide;
 pub mod models;
 pub mod pipeline;
+pub mod png_text;
 
 pub use error::{Error, Result};

@@ -7,9 +7,11 @@ use candle_core::DType;
 use clap::{Args, Parser, Subcommand};
 use lumen::config::{parse_device, LumenSettings, ModelSource};
 use lumen::models::dinov2::Dinov2;
+use lumen::models::schedulers::SchedulerKind;
 use lumen::pipeline::fit_pca::{fit_pca, list_images};
 use lumen::pipeline::layout::LayoutModel;
-use lumen::{bench, guide, Error, Result};
+use lumen::pipeline::synthesis::{SynthesisItem, SynthesisModel, SynthesisSettings};
+use lumen::{bench, guide, png_text, Error, Result};
 
 // Tensor ops allocate large short-lived buffers; mimalloc reuses them instead
 // of returning them to the OS and page-faulting them back in.
@@ -34,6 +36,8 @@ enum Command {
     Layout(LayoutArgs),
     /// Fit a PCA basis over the patch tokens of a folder of images.
     FitPca(FitPcaArgs),
+    /// Generate images with the layout of a guide image.
+    Synthesize(SynthesizeArgs),
     /// Benchmarks (compare against the references with scripts/bench_*.py).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -91,10 +95,84 @@ struct FitPcaArgs {
     quiet: bool,
 }
 
+#[derive(Args)]
+struct SynthesizeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Guide image (PNG, JPEG or WebP) whose layout the new images keep.
+    #[arg(long, env = "LUMEN_IMAGE")]
+    image: PathBuf,
+    /// Text prompt.
+    #[arg(long, env = "LUMEN_PROMPT", default_value = "")]
+    prompt: String,
+    /// Negative prompt (used when guidance > 1).
+    #[arg(long, env = "LUMEN_NEGATIVE_PROMPT", default_value = "")]
+    negative_prompt: String,
+    /// Number of PCA components K of the layout (1..=Kmax): fewer = more diverse.
+    #[arg(long, short = 'k', env = "LUMEN_COMPONENTS")]
+    components: Option<usize>,
+    /// Denoising steps (1..=1000).
+    #[arg(long, env = "LUMEN_STEPS", default_value_t = 30)]
+    steps: usize,
+    /// Classifier-free guidance scale; at most 1 skips the unconditional pass.
+    #[arg(long, env = "LUMEN_GUIDANCE", default_value_t = 7.5)]
+    guidance: f64,
+    /// Weight of the ControlNet's residuals.
+    #[arg(long, env = "LUMEN_CONTROL_SCALE", default_value_t = 1.0)]
+    control_scale: f64,
+    /// ddim, euler or dpmpp-2m; default: the model folder's scheduler if lumen has it, else dpmpp-2m.
+    #[arg(long, env = "LUMEN_SCHEDULER")]
+    scheduler: Option<String>,
+    /// Seed of the first image (image i uses seed + i); random if omitted.
+    #[arg(long, env = "LUMEN_SEED")]
+    seed: Option<u64>,
+    /// Number of images.
+    #[arg(long, env = "LUMEN_NUM_IMAGES", default_value_t = 1)]
+    num_images: usize,
+    /// Output width; default: the guide's aspect with the longer side 512.
+    #[arg(long, env = "LUMEN_WIDTH", requires = "height")]
+    width: Option<u32>,
+    /// Output height (give both or neither).
+    #[arg(long, env = "LUMEN_HEIGHT", requires = "width")]
+    height: Option<u32>,
+    /// Longer side, in pixels, of the image fed to the encoder; default from lumen.json (518).
+    #[arg(long, env = "LUMEN_LAYOUT_SIZE")]
+    layout_size: Option<u32>,
+    /// Initial noise: safetensors with tensor `latents` [1, C, h, w] (unit variance); overrides the seed.
+    #[arg(long, env = "LUMEN_LATENTS")]
+    latents: Option<PathBuf>,
+    /// Output PNG; with several images PATH-0.png, PATH-1.png, …
+    #[arg(long, short = 'o', env = "LUMEN_OUT")]
+    out: PathBuf,
+    /// Hide the progress bar.
+    #[arg(long, env = "LUMEN_QUIET")]
+    quiet: bool,
+}
+
 #[derive(Subcommand)]
 enum BenchCommand {
     /// Time the DINOv2 encoder forward pass on synthetic input.
     Layout(BenchLayoutArgs),
+    /// Time text encoding, one CFG step (ControlNet + UNet, batch 2) and VAE decode.
+    Synthesis(BenchSynthesisArgs),
+}
+
+#[derive(Args)]
+struct BenchSynthesisArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Output sides to time (square), comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [256u32, 512])]
+    sizes: Vec<u32>,
+    /// Only these stages (text_encoder, cfg_step, vae_decode), comma-separated; all if omitted.
+    #[arg(long, value_delimiter = ',')]
+    stages: Vec<String>,
+    /// Untimed warm-up runs.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// Timed runs.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
 }
 
 #[derive(Args)]
@@ -127,7 +205,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Layout(a) => run_layout(a),
         Command::FitPca(a) => run_fit_pca(a),
+        Command::Synthesize(a) => run_synthesize(a),
         Command::Bench(BenchCommand::Layout(a)) => run_bench_layout(a),
+        Command::Bench(BenchCommand::Synthesis(a)) => run_bench_synthesis(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -223,6 +303,151 @@ fn run_bench_layout(a: BenchLayoutArgs) -> Result<()> {
         "model": src.identity(),
         "device": a.model.device,
         "timings": [timing],
+        "peak_rss_bytes": bench::peak_rss_bytes(),
+    });
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&report).map_err(|e| Error::Internal(e.to_string()))?
+    );
+    Ok(())
+}
+
+fn run_synthesize(a: SynthesizeArgs) -> Result<()> {
+    OutKind::of(&a.out, &["png"])?;
+    if a.num_images == 0 {
+        return Err(Error::param("num_images", "must be at least 1"));
+    }
+    if a.latents.is_some() && a.num_images != 1 {
+        return Err(Error::param(
+            "latents",
+            "given latents make one image; use --num-images 1",
+        ));
+    }
+    let device = parse_device(&a.model.device)?;
+    let src = ModelSource::from_arg(a.model.models);
+    let model = SynthesisModel::load(&src, &device)?;
+    let scheduler = match &a.scheduler {
+        Some(name) => SchedulerKind::parse(name)?,
+        None => model.default_scheduler(),
+    };
+    let img = guide::open(&a.image, model.layout.settings.max_image_pixels)?.to_rgb8();
+    let (width, height) = match (a.width, a.height) {
+        (Some(w), Some(h)) => (w, h),
+        _ => model.default_size(img.width(), img.height()),
+    };
+    let settings = SynthesisSettings {
+        width,
+        height,
+        steps: a.steps,
+        scheduler,
+    };
+    model.check_settings(&settings)?;
+    let k = a
+        .components
+        .unwrap_or_else(|| model.layout.default_components());
+    model.layout.pca.check_components(k)?;
+    let latents = match &a.latents {
+        Some(p) => {
+            let t = candle_core::safetensors::load(p, &candle_core::Device::Cpu)
+                .map_err(|e| Error::param("latents", format!("{}: {e}", p.display())))?;
+            Some(
+                t.get("latents")
+                    .ok_or_else(|| {
+                        Error::param(
+                            "latents",
+                            format!("{} has no tensor `latents`", p.display()),
+                        )
+                    })?
+                    .to_dtype(DType::F32)?,
+            )
+        }
+        None => None,
+    };
+    let seed = a.seed.unwrap_or_else(|| rand::random::<u32>() as u64);
+    let prepared = model.layout.prepare(&img, a.layout_size)?;
+    let layout = model
+        .layout
+        .layouts(&[(&prepared, k)])?
+        .pop()
+        .ok_or_else(|| Error::Internal("no layout computed".into()))?;
+    let items: Vec<SynthesisItem> = (0..a.num_images)
+        .map(|i| SynthesisItem {
+            layout: layout.clone(),
+            prompt: a.prompt.clone(),
+            negative_prompt: a.negative_prompt.clone(),
+            guidance: a.guidance,
+            control_scale: a.control_scale,
+            seed: seed.wrapping_add(i as u64),
+            latents: latents.clone(),
+        })
+        .collect();
+    for it in &items {
+        model.check_item(it, &settings)?;
+    }
+    let bar = if a.quiet {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(settings.steps as u64)
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg:>10} [{bar:40}] {pos}/{len} steps ({elapsed}, eta {eta})",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    bar.set_message("denoise");
+    let images = model.generate(&settings, &items, |step, _| bar.set_position(step as u64))?;
+    bar.finish_and_clear();
+    for (i, (img, it)) in images.iter().zip(&items).enumerate() {
+        let path = if images.len() == 1 {
+            a.out.clone()
+        } else {
+            let stem = a.out.with_extension("");
+            PathBuf::from(format!("{}-{i}.png", stem.display()))
+        };
+        let params = serde_json::json!({
+            "prompt": it.prompt,
+            "negative_prompt": it.negative_prompt,
+            "seed": if it.latents.is_some() { serde_json::Value::Null } else { it.seed.into() },
+            "latents": a.latents.as_ref().map(|p| p.display().to_string()),
+            "steps": settings.steps,
+            "guidance_scale": it.guidance,
+            "control_scale": it.control_scale,
+            "components": k,
+            "scheduler": settings.scheduler.name(),
+            "width": settings.width,
+            "height": settings.height,
+            "layout_size": a.layout_size.unwrap_or(model.layout.settings.layout_size),
+            "model": src.identity(),
+            "lumen_version": env!("CARGO_PKG_VERSION"),
+        });
+        let bytes = png_text::encode(img, png_text::KEYWORD, &params.to_string())?;
+        std::fs::write(&path, bytes).map_err(|e| Error::io(&path, e))?;
+        println!("wrote {} (seed {})", path.display(), it.seed);
+    }
+    Ok(())
+}
+
+fn run_bench_synthesis(a: BenchSynthesisArgs) -> Result<()> {
+    let device = parse_device(&a.model.device)?;
+    let src = ModelSource::from_arg(a.model.models);
+    let model = SynthesisModel::load(&src, &device)?;
+    let m = model.size_multiple();
+    if let Some(s) = a.sizes.iter().find(|s| **s == 0 || **s % m != 0) {
+        return Err(Error::param(
+            "sizes",
+            format!("{s} is not a positive multiple of {m}"),
+        ));
+    }
+    if a.runs == 0 {
+        return Err(Error::param("runs", "must be at least 1"));
+    }
+    let timings = bench::bench_synthesis(&model, &a.sizes, &a.stages, a.warmup, a.runs)?;
+    let report = serde_json::json!({
+        "model": src.identity(),
+        "device": a.model.device,
+        "timings": timings,
         "peak_rss_bytes": bench::peak_rss_bytes(),
     });
     println!(

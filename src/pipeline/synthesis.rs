@@ -174,13 +174,14 @@ impl SynthesisModel {
         }
     }
 
-    /// The scheduler default: the folder's own class when lumen has it, else DDIM.
+    /// The scheduler default: the folder's own class when lumen has it (SD1.5
+    /// ships PNDM, which it has not), else DPM++ 2M.
     pub fn default_scheduler(&self) -> SchedulerKind {
         self.scheduler_config
             .get("_class_name")
             .and_then(|c| c.as_str())
             .and_then(SchedulerKind::from_class_name)
-            .unwrap_or(SchedulerKind::Ddim)
+            .unwrap_or(SchedulerKind::DpmSolverMultistep)
     }
 
     /// Check shared settings before any work is queued.
