@@ -325,15 +325,32 @@ fn run_synthesize(a: SynthesizeArgs) -> Result<()> {
     }
     let device = parse_device(&a.model.device)?;
     let src = ModelSource::from_arg(a.model.models);
+    // The layout first; the encoder is freed before the diffusion weights load.
+    let (img_size, layout, k, layout_size) = {
+        let lm = LayoutModel::load(&src, &device)?;
+        let img = guide::open(&a.image, lm.settings.max_image_pixels)?.to_rgb8();
+        let k = a.components.unwrap_or_else(|| lm.default_components());
+        lm.pca.check_components(k)?;
+        let prepared = lm.prepare(&img, a.layout_size)?;
+        let layout = lm
+            .layouts(&[(&prepared, k)])?
+            .pop()
+            .ok_or_else(|| Error::Internal("no layout computed".into()))?;
+        (
+            img.dimensions(),
+            layout,
+            k,
+            a.layout_size.unwrap_or(lm.settings.layout_size),
+        )
+    };
     let model = SynthesisModel::load(&src, &device)?;
     let scheduler = match &a.scheduler {
         Some(name) => SchedulerKind::parse(name)?,
         None => model.default_scheduler(),
     };
-    let img = guide::open(&a.image, model.layout.settings.max_image_pixels)?.to_rgb8();
     let (width, height) = match (a.width, a.height) {
         (Some(w), Some(h)) => (w, h),
-        _ => model.default_size(img.width(), img.height()),
+        _ => model.default_size(img_size.0, img_size.1),
     };
     let settings = SynthesisSettings {
         width,
@@ -342,10 +359,6 @@ fn run_synthesize(a: SynthesizeArgs) -> Result<()> {
         scheduler,
     };
     model.check_settings(&settings)?;
-    let k = a
-        .components
-        .unwrap_or_else(|| model.layout.default_components());
-    model.layout.pca.check_components(k)?;
     let latents = match &a.latents {
         Some(p) => {
             let t = candle_core::safetensors::load(p, &candle_core::Device::Cpu)
@@ -364,12 +377,6 @@ fn run_synthesize(a: SynthesizeArgs) -> Result<()> {
         None => None,
     };
     let seed = a.seed.unwrap_or_else(|| rand::random::<u32>() as u64);
-    let prepared = model.layout.prepare(&img, a.layout_size)?;
-    let layout = model
-        .layout
-        .layouts(&[(&prepared, k)])?
-        .pop()
-        .ok_or_else(|| Error::Internal("no layout computed".into()))?;
     let items: Vec<SynthesisItem> = (0..a.num_images)
         .map(|i| SynthesisItem {
             layout: layout.clone(),
@@ -418,7 +425,7 @@ fn run_synthesize(a: SynthesizeArgs) -> Result<()> {
             "scheduler": settings.scheduler.name(),
             "width": settings.width,
             "height": settings.height,
-            "layout_size": a.layout_size.unwrap_or(model.layout.settings.layout_size),
+            "layout_size": layout_size,
             "model": src.identity(),
             "lumen_version": env!("CARGO_PKG_VERSION"),
         });

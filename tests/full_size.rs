@@ -15,6 +15,7 @@ use std::path::PathBuf;
 use candle_core::Device;
 use lumen::config::ModelSource;
 use lumen::models::schedulers::SchedulerKind;
+use lumen::pipeline::layout::LayoutModel;
 use lumen::pipeline::synthesis::{SynthesisItem, SynthesisModel, SynthesisSettings};
 
 #[test]
@@ -22,17 +23,25 @@ use lumen::pipeline::synthesis::{SynthesisItem, SynthesisModel, SynthesisSetting
 fn sd15_sized_models_run_one_512_step() {
     let dir = std::env::var_os("LUMEN_BIG_MODELS")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/.cache/sd15-random"));
-    let model = SynthesisModel::load(&ModelSource::Dir(dir), &Device::Cpu).expect("full-size model set loads");
-    assert_eq!(model.layout.encoder.hidden_size(), 1024);
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/.cache/sd15-random")
+        });
+    let src = ModelSource::Dir(dir);
+    let layout_model = LayoutModel::load(&src, &Device::Cpu).expect("encoder and PCA load");
+    assert_eq!(layout_model.encoder.hidden_size(), 1024);
+    let guide = image::open(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/images/tiny-street.png"
+    ))
+    .unwrap()
+    .to_rgb8();
+    let prepared = layout_model.prepare(&guide, None).unwrap();
+    let layout = layout_model.layouts(&[(&prepared, 32)]).unwrap().remove(0);
+    assert_eq!(layout.grid, (26, 37));
+    drop(layout_model);
+    let model = SynthesisModel::load(&src, &Device::Cpu).expect("full-size model set loads");
     assert_eq!(model.unet.layout.blocks.len(), 4);
     assert_eq!(model.vae.factor, 8);
-    let guide = image::open(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/images/tiny-street.png"))
-        .unwrap()
-        .to_rgb8();
-    let prepared = model.layout.prepare(&guide, None).unwrap();
-    let layout = model.layout.layouts(&[(&prepared, 32)]).unwrap().remove(0);
-    assert_eq!(layout.grid, (26, 37));
     let settings = SynthesisSettings {
         width: 512,
         height: 512,

@@ -18,10 +18,11 @@ use crate::config::ModelSource;
 use crate::error::{Error, Result};
 use crate::models::clip::TextConditioner;
 use crate::models::controlnet::ControlNet;
+use crate::models::pca::Pca;
 use crate::models::schedulers::{self, SchedulerKind};
 use crate::models::unet::UNet;
 use crate::models::vae::Vae;
-use crate::pipeline::layout::{Layout, LayoutModel};
+use crate::pipeline::layout::Layout;
 
 /// Most denoising steps a request may ask for.
 pub const MAX_STEPS: usize = 1000;
@@ -30,9 +31,12 @@ pub const DEFAULT_LONG_SIDE: u32 = 512;
 /// Largest output side.
 pub const MAX_SIDE: u32 = 2048;
 
-/// Everything a model folder holds, resident on one device.
+/// The diffusion half of a model folder, resident on one device. The layout
+/// half ([`crate::pipeline::layout::LayoutModel`]) is loaded separately, so
+/// a one-shot command can free the encoder before the diffusion weights load.
 pub struct SynthesisModel {
-    pub layout: LayoutModel,
+    /// Kmax of the folder's PCA basis (= the ControlNet's conditioning channels).
+    pub max_components: usize,
     pub text: TextConditioner,
     pub unet: UNet,
     pub controlnet: ControlNet,
@@ -88,14 +92,13 @@ impl SynthesisModel {
                 ));
             }
         }
-        let layout = LayoutModel::load(src, device)?;
         let text = TextConditioner::load(src, device, dtype)?;
         let unet = UNet::load(src, device, dtype)?;
         let controlnet = ControlNet::load(src, device, dtype)?;
         let vae = Vae::load(src, device, dtype)?;
         let scheduler_config: serde_json::Value =
             src.read_json("scheduler/scheduler_config.json")?;
-        let kmax = layout.pca.max_components();
+        let kmax = Pca::load(src, &Device::Cpu)?.max_components();
         if controlnet.conditioning_channels != kmax {
             return Err(Error::model_file(
                 "controlnet/config.json",
@@ -139,7 +142,7 @@ impl SynthesisModel {
             ));
         }
         Ok(Self {
-            layout,
+            max_components: kmax,
             text,
             unet,
             controlnet,
@@ -221,7 +224,16 @@ impl SynthesisModel {
                 return Err(Error::param(name, format!("{v} is not a finite number")));
             }
         }
-        self.layout.pca.check_components(item.layout.components)?;
+        let k = item.layout.components;
+        if k == 0 || k > self.max_components {
+            return Err(Error::param(
+                "components",
+                format!(
+                    "{k} is out of range: this model's PCA basis has 1 to {} components",
+                    self.max_components
+                ),
+            ));
+        }
         if let Some(l) = &item.latents {
             let want = self.latent_shape(s);
             if l.dims() != want {
