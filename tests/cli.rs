@@ -4,33 +4,9 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use candle_core::{Device, Tensor};
-use common::{assert_close, cases, reference, root};
-
-fn lumen(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_lumen"))
-        .args(args)
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("lumen runs")
-}
-
-/// Run and expect failure whose stderr mentions every needle.
-fn fails_with(args: &[&str], needles: &[&str]) {
-    let out = lumen(args);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{args:?} should fail; stderr: {err}");
-    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
-    for n in needles {
-        assert!(err.contains(n), "{args:?}: stderr lacks `{n}`: {err}");
-    }
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
+use common::{assert_close, cases, fails_with, lumen, reference, root, s};
 
 fn tiny_guide() -> (PathBuf, common::Guide) {
     let (_, case) = cases().into_iter().find(|(n, _)| n == "tiny").unwrap();

@@ -6,42 +6,9 @@ mod common;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::process::{Command, Output};
 
 use candle_core::{Device, Tensor};
-use common::root;
-
-fn lumen(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_lumen"))
-        .args(args)
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("lumen runs")
-}
-
-fn ok(args: &[&str]) -> String {
-    let o = lumen(args);
-    assert!(
-        o.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn fails_with(args: &[&str], needles: &[&str]) {
-    let o = lumen(args);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success(), "{args:?} should fail");
-    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
-    for n in needles {
-        assert!(err.contains(n), "{args:?}: stderr lacks `{n}`: {err}");
-    }
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
+use common::{fails_with, ok, root, s};
 
 fn sd_case() -> serde_json::Value {
     let text =

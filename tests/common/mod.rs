@@ -3,7 +3,8 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
 
 use candle_core::{Device, Tensor};
 use serde::Deserialize;
@@ -81,4 +82,40 @@ pub fn assert_close(what: &str, a: &Tensor, b: &Tensor, rel: f32) {
         "{what}: max |Δ| = {diff:.3e}, max|ref| = {scale:.3e}, ratio {:.3e}",
         diff / scale
     );
+}
+
+/// Run the `lumen` binary with `args` (RUST_LOG cleared).
+pub fn lumen(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_lumen"))
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("lumen runs")
+}
+
+/// Run and expect success; returns stdout.
+pub fn ok(args: &[&str]) -> String {
+    let o = lumen(args);
+    assert!(
+        o.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Run and expect a clean failure (no panic) whose stderr mentions every needle.
+pub fn fails_with(args: &[&str], needles: &[&str]) {
+    let out = lumen(args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{args:?} should fail; stderr: {err}");
+    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    for n in needles {
+        assert!(err.contains(n), "{args:?}: stderr lacks `{n}`: {err}");
+    }
+}
+
+/// A path as `&str` for command lines.
+pub fn s(p: &Path) -> &str {
+    p.to_str().expect("UTF-8 path")
 }
