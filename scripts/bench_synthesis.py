@@ -1,0 +1,468 @@
+#!/usr/bin/env python3
+"""Side-by-side benchmark of the synthesis stages: lumen vs diffusers.
+
+Uses the full-size random-weight SD1.5-sized folder that
+scripts/make_big_models.py builds under scripts/.cache/sd15-random/ (built
+here first if missing; never committed). In one run on this machine, with the
+same weights, f32 and the same thread count (torch.set_num_threads and
+RAYON_NUM_THREADS for lumen), it times
+
+  * lumen:     `lumen bench synthesis --models DIR --stages ... --sizes ...
+               --warmup W --runs N` (its own process; peak RSS is the VmHWM
+               the binary reports), and
+  * diffusers: eager modules (transformers' CLIPTextModel, diffusers'
+               ControlNetModel, UNet2DConditionModel, AutoencoderKL with their
+               default attention processor, SDPA) under torch.inference_mode,
+
+and prints per stage the lumen median, the diffusers median and the ratio
+lumen / diffusers, plus each side's peak RSS (a table on stderr, JSON on
+stdout).
+
+Stages (identical on both sides; inputs are synthetic, timestep 500):
+
+  text_encoder    tokenise [negative, prompt] to 2 x 77 ids + CLIP text
+                  encoder forward (batch 2)
+  cfg_step_S      one classifier-free-guidance step at S x S output:
+                  ControlNet forward (latents [2, 4, S/8, S/8], text states
+                  [2, 77, 768], conditioning [2, 64, S, S], scale 1.0), then
+                  the UNet forward with its residuals
+  vae_decode_S    vae.decode of one [1, 4, S/8, S/8] latent
+
+Python loads only what a stage needs (text encoder; ControlNet + UNet; VAE)
+and frees it before the next, and reports both its process peak
+(getrusage ru_maxrss) and a per-stage peak (VmHWM, reset through
+/proc/self/clear_refs before each stage). lumen loads the whole model set
+(DINOv2 encoder included) in every call, so its peak RSS is not per stage.
+
+`--mode peak-rss` (or `all`) also runs one real 512 x 512 CFG image,
+`/usr/bin/time -v lumen synthesize --models DIR --image
+tests/fixtures/images/tiny-street.png --width 512 --height 512 --steps 1`,
+and reports its "Maximum resident set size" against the 8 GB target.
+
+The report also gives, per side, the average number of cores that other
+processes used meanwhile (`other_load_cores`, from /proc/stat) and warns when
+it exceeds 0.1: on a shared machine a concurrent build silently halves a side.
+
+Defaults (warm-up 1, runs 3, all five stages) finish in a few minutes per
+side on 2 cores; a 512 x 512 CFG step takes tens of seconds.
+
+Usage: python scripts/bench_synthesis.py [--stages text_encoder,vae_decode_256]
+       [--sizes 256,512] [--warmup 1] [--runs 3] [--threads 2]
+       [--side both|lumen|python] [--mode bench|peak-rss|all]
+       [--models scripts/.cache/sd15-random] [--lumen target/release/lumen]
+"""
+
+import argparse
+import gc
+import json
+import os
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODELS = ROOT / "scripts/.cache/sd15-random"
+FAMILIES = ("text_encoder", "cfg_step", "vae_decode")
+PROMPT = "a red house by the sea"  # as lumen's bench
+NEGATIVE = "blurry, dark"
+TIMESTEP = 500.0
+CONTROL_SCALE = 1.0
+GUIDE = ROOT / "tests/fixtures/images/tiny-street.png"
+RSS_TARGET_BYTES = 8 * 10**9
+OTHER_LOAD_WARN = 0.1  # average cores used by other processes during a side before warning
+
+
+# ---------------------------------------------------------------------------
+# Stage selection
+
+
+def select_stages(spec: str, sizes: list[int]) -> list[str]:
+    """Full stage names in canonical order from 'text_encoder,cfg_step,vae_decode_256,...'."""
+    wanted = []
+    for item in (s.strip() for s in spec.split(",")):
+        if not item:
+            continue
+        if item in FAMILIES:
+            names = [item] if item == "text_encoder" else [f"{item}_{s}" for s in sizes]
+        else:
+            m = re.fullmatch(r"(cfg_step|vae_decode)_(\d+)", item)
+            if not m:
+                raise SystemExit(f"unknown stage {item!r}: use text_encoder, cfg_step[_S], vae_decode[_S]")
+            names = [item]
+        wanted += [n for n in names if n not in wanted]
+    all_sizes = sorted({int(n.rsplit("_", 1)[1]) for n in wanted if n != "text_encoder"})
+    order = ["text_encoder"] + [f"{f}_{s}" for f in ("cfg_step", "vae_decode") for s in all_sizes]
+    return [n for n in order if n in wanted]
+
+
+def split(stage: str) -> tuple[str, int | None]:
+    if stage == "text_encoder":
+        return stage, None
+    fam, s = stage.rsplit("_", 1)
+    return fam, int(s)
+
+
+def lumen_calls(stages: list[str]) -> list[tuple[list[str], list[int]]]:
+    """Group the stages into `lumen bench synthesis` calls (--stages families x --sizes):
+    lumen runs every selected family at every given size, so sizes that need
+    different families go to different calls (each call loads the models)."""
+    by_size: dict[int, list[str]] = {}
+    for st in stages:
+        fam, s = split(st)
+        if s is not None:
+            by_size.setdefault(s, []).append(fam)
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for s, fams in by_size.items():
+        groups.setdefault(tuple(sorted(fams)), []).append(s)
+    calls = [(list(f), sz) for f, sz in groups.items()]
+    if "text_encoder" in stages:
+        if calls:
+            calls[0][0].insert(0, "text_encoder")
+        else:
+            calls.append((["text_encoder"], []))
+    return calls
+
+
+# ---------------------------------------------------------------------------
+# Other load on the machine
+
+
+class CpuWatch:
+    """CPU time the rest of the machine used while a side ran (from /proc/stat minus
+    this process' and its waited-for children's own CPU time), in average cores."""
+
+    CLK = os.sysconf("SC_CLK_TCK")
+
+    @staticmethod
+    def _snap():
+        try:
+            v = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+            busy = (v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / CpuWatch.CLK  # all but idle, iowait
+        except (OSError, ValueError, IndexError):
+            busy = None
+        t = os.times()
+        return time.perf_counter(), busy, t.user + t.system + t.children_user + t.children_system
+
+    def __enter__(self):
+        self.start = self._snap()
+        return self
+
+    def __exit__(self, *exc):
+        (w0, b0, o0), (w1, b1, o1) = self.start, self._snap()
+        self.other_cores = None if b0 is None or b1 is None else max(0.0, (b1 - b0) - (o1 - o0)) / (w1 - w0)
+        return False
+
+
+# ---------------------------------------------------------------------------
+# lumen
+
+
+def run_lumen(a, stages: list[str], env: dict) -> dict:
+    timings, peaks, cmds = {}, [], []
+    for fams, sizes in lumen_calls(stages):
+        cmd = [a.lumen, "bench", "synthesis", "--models", str(a.models), "--stages", ",".join(fams),
+               "--warmup", str(a.warmup), "--runs", str(a.runs)]
+        if sizes:
+            cmd += ["--sizes", ",".join(map(str, sizes))]
+        cmds.append(" ".join(cmd))
+        print(f"[lumen] {' '.join(cmd)}", file=sys.stderr, flush=True)
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        except OSError as e:
+            return {"error": f"{a.lumen}: {e}", "commands": cmds}
+        if p.returncode != 0:
+            return {"error": f"exit {p.returncode}: {p.stderr.strip()[-2000:]}", "commands": cmds}
+        rep = json.loads(p.stdout)
+        for t in rep["timings"]:
+            if t["stage"] in stages:
+                timings[t["stage"]] = t
+        if rep.get("peak_rss_bytes") is not None:
+            peaks.append(rep["peak_rss_bytes"])
+    missing = [s for s in stages if s not in timings]
+    out = {"timings": timings, "peak_rss_bytes": max(peaks) if peaks else None, "commands": cmds}
+    if missing:
+        out["error"] = f"lumen reported no timing for {missing}"
+    return out
+
+
+def run_peak_rss(a, env: dict) -> dict:
+    """Peak RSS of one real 512x512 CFG image (1 step) under /usr/bin/time -v."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out_png = Path(tmp) / "x.png"
+        cmd = ["/usr/bin/time", "-v", a.lumen, "synthesize", "--models", str(a.models), "--image", str(GUIDE),
+               "--prompt", PROMPT, "--width", "512", "--height", "512", "--steps", "1", "--out", str(out_png)]
+        print(f"[peak-rss] {' '.join(cmd)}", file=sys.stderr, flush=True)
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        except OSError as e:
+            return {"command": " ".join(cmd), "error": str(e)}
+        res = {"command": " ".join(cmd), "returncode": p.returncode, "wrote_png": out_png.exists()}
+        m = re.findall(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr)
+        w = re.findall(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", p.stderr)
+        if p.returncode != 0:
+            res["error"] = p.stderr.strip()[-2000:]
+        if m:
+            rss = int(m[-1]) * 1024
+            res.update(max_rss_bytes=rss, max_rss_gib=round(rss / 2**30, 2), max_rss_gb=round(rss / 1e9, 2),
+                       target_bytes=RSS_TARGET_BYTES, under_target=rss < RSS_TARGET_BYTES)
+        if w:
+            res["wall_clock"] = w[-1]
+        return res
+
+
+# ---------------------------------------------------------------------------
+# diffusers / transformers
+
+
+def vm_hwm() -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_hwm() -> bool:
+    """Reset this process' peak RSS to its current RSS (Linux >= 4.0)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def synthetic(shape) -> torch.Tensor:
+    """Uniform in [-2, 2), like lumen's bench inputs (values do not affect timing)."""
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(shape, generator=g) * 4 - 2
+
+
+def time_runs(f, warmup: int, runs: int) -> list[float]:
+    for _ in range(warmup):
+        f()
+    out = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        f()
+        out.append((time.perf_counter() - t) * 1e3)
+    return out
+
+
+def timing(stage: str, runs_ms: list[float]) -> dict:
+    return {"stage": stage, "runs_ms": runs_ms, "median_ms": statistics.median(runs_ms),
+            "min_ms": min(runs_ms), "mean_ms": statistics.fmean(runs_ms)}
+
+
+def processors(*modules) -> list[str]:
+    return sorted({type(p).__name__ for m in modules for p in m.attn_processors.values()})
+
+
+def run_python(a, stages: list[str]) -> dict:
+    from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+    from diffusers.utils import logging as dlog
+    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers.utils import logging as tlog
+
+    tlog.disable_progress_bar()
+    dlog.disable_progress_bar()
+
+    per_stage_rss = reset_hwm()
+    timings, rss, info = {}, {}, {}
+    models = a.models
+
+    def stage_done(name, runs_ms):
+        timings[name] = timing(name, runs_ms)
+        if per_stage_rss:
+            rss[name] = vm_hwm()
+        print(f"[diffusers] {name}: median {timings[name]['median_ms']:.1f} ms", file=sys.stderr, flush=True)
+
+    with torch.inference_mode():
+        if "text_encoder" in stages:
+            tok = CLIPTokenizer.from_pretrained(models / "tokenizer")
+            text = CLIPTextModel.from_pretrained(models / "text_encoder", torch_dtype=torch.float32).eval()
+            info["text_encoder_attention"] = text.config._attn_implementation
+
+            def f():
+                ids = tok([NEGATIVE, PROMPT], padding="max_length", max_length=77, truncation=True,
+                          return_tensors="pt").input_ids
+                assert ids.shape == (2, 77)
+                return text(ids).last_hidden_state
+
+            stage_done("text_encoder", time_runs(f, a.warmup, a.runs))
+            del tok, text, f
+            gc.collect()
+
+        cfg = [s for s in stages if s.startswith("cfg_step_")]
+        if cfg:
+            reset_hwm()
+            controlnet = ControlNetModel.from_pretrained(models / "controlnet", torch_dtype=torch.float32).eval()
+            unet = UNet2DConditionModel.from_pretrained(models / "unet", torch_dtype=torch.float32).eval()
+            info["unet_controlnet_attention"] = processors(unet, controlnet)
+            c = unet.config.in_channels
+            kmax = controlnet.config.conditioning_channels
+            f8 = 2 ** (len(controlnet.config.conditioning_embedding_out_channels) - 1)
+            emb = synthetic((2, 77, unet.config.cross_attention_dim))
+            t = torch.tensor(TIMESTEP)
+            for i, name in enumerate(cfg):
+                if i:
+                    reset_hwm()
+                s = split(name)[1]
+                lat = synthetic((2, c, s // f8, s // f8))
+                cond = synthetic((2, kmax, s, s))
+
+                def f():
+                    down, mid = controlnet(lat, t, encoder_hidden_states=emb, controlnet_cond=cond,
+                                           conditioning_scale=CONTROL_SCALE, guess_mode=False, return_dict=False)
+                    return unet(lat, t, encoder_hidden_states=emb, down_block_additional_residuals=down,
+                                mid_block_additional_residual=mid).sample
+
+                stage_done(name, time_runs(f, a.warmup, a.runs))
+                del lat, cond, f
+                gc.collect()
+            del controlnet, unet, emb
+            gc.collect()
+
+        dec = [s for s in stages if s.startswith("vae_decode_")]
+        if dec:
+            reset_hwm()
+            vae = AutoencoderKL.from_pretrained(models / "vae", torch_dtype=torch.float32).eval()
+            info["vae_attention"] = processors(vae)
+            f8 = 2 ** (len(vae.config.block_out_channels) - 1)
+            for i, name in enumerate(dec):
+                if i:
+                    reset_hwm()
+                s = split(name)[1]
+                z = synthetic((1, vae.config.latent_channels, s // f8, s // f8))
+
+                def f():
+                    return vae.decode(z).sample
+
+                stage_done(name, time_runs(f, a.warmup, a.runs))
+                del z, f
+                gc.collect()
+            del vae
+            gc.collect()
+
+    return {"timings": timings,
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "stage_peak_rss_bytes": rss if per_stage_rss else None, **info}
+
+
+# ---------------------------------------------------------------------------
+
+
+def mib(b) -> int | None:
+    return None if b is None else round(b / 2**20)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", type=Path, default=DEFAULT_MODELS)
+    ap.add_argument("--lumen", default=str(ROOT / "target/release/lumen"))
+    ap.add_argument("--stages", default="text_encoder,cfg_step,vae_decode",
+                    help="comma-separated: text_encoder, cfg_step, vae_decode (at every --sizes) "
+                         "or cfg_step_S / vae_decode_S")
+    ap.add_argument("--sizes", default="256,512", help="output sides for the cfg_step / vae_decode families")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--side", choices=("both", "lumen", "python"), default="both")
+    ap.add_argument("--mode", choices=("bench", "peak-rss", "all"), default="bench",
+                    help="peak-rss: only the `lumen synthesize` 512x512 peak-RSS run; all: both")
+    a = ap.parse_args()
+    if a.runs < 1:
+        raise SystemExit("--runs must be at least 1")
+    a.models = a.models.resolve()
+    if not (a.models / "unet").is_dir() or not (a.models / "model_index.json").exists():
+        if a.models != DEFAULT_MODELS.resolve():
+            raise SystemExit(f"{a.models} is not a complete model folder")
+        subprocess.run([sys.executable, str(ROOT / "scripts/make_big_models.py")], check=True)
+
+    torch.set_num_threads(a.threads)
+    env = dict(os.environ, RAYON_NUM_THREADS=str(a.threads))
+    sizes = [int(s) for s in a.sizes.split(",") if s.strip()]
+    stages = select_stages(a.stages, sizes)
+    report = {"models": str(a.models), "device": "cpu", "dtype": "f32", "threads": a.threads,
+              "torch": torch.__version__, "warmup": a.warmup, "runs": a.runs, "stages": stages}
+    failed = False
+    t0 = time.perf_counter()
+
+    if a.mode in ("bench", "all") and stages:
+        lum = py = None
+        load = {}
+        if a.side in ("both", "lumen"):
+            with CpuWatch() as w:
+                lum = run_lumen(a, stages, env)
+            load["lumen"] = w.other_cores
+        if a.side in ("both", "python"):
+            with CpuWatch() as w:
+                py = run_python(a, stages)
+            load["diffusers"] = w.other_cores
+        report["other_load_cores"] = {k: None if v is None else round(v, 2) for k, v in load.items()}
+        failed |= bool(lum and "error" in lum)
+        rows = []
+        for st in stages:
+            lt = (lum or {}).get("timings", {}).get(st)
+            pt = (py or {}).get("timings", {}).get(st)
+            row = {"stage": st,
+                   "lumen_median_ms": round(lt["median_ms"], 1) if lt else None,
+                   "diffusers_median_ms": round(pt["median_ms"], 1) if pt else None,
+                   "ratio_lumen_over_diffusers": round(lt["median_ms"] / pt["median_ms"], 3) if lt and pt else None,
+                   "lumen_runs_ms": [round(x, 1) for x in lt["runs_ms"]] if lt else None,
+                   "diffusers_runs_ms": [round(x, 1) for x in pt["runs_ms"]] if pt else None}
+            if py and py.get("stage_peak_rss_bytes"):
+                row["diffusers_stage_peak_rss_mib"] = mib(py["stage_peak_rss_bytes"].get(st))
+            rows.append(row)
+        report["results"] = rows
+        if lum is not None:
+            report["lumen"] = {"peak_rss_mib": mib(lum.get("peak_rss_bytes")), "commands": lum.get("commands")}
+            if "error" in lum:
+                report["lumen"]["error"] = lum["error"]
+        if py is not None:
+            report["diffusers"] = {"peak_rss_mib": mib(py["peak_rss_bytes"]),
+                                   **{k: v for k, v in py.items() if k.endswith("_attention")}}
+
+        print(f"\nsynthesis stages, f32, {a.threads} threads, warm-up {a.warmup}, runs {a.runs} (medians, ms)",
+              file=sys.stderr)
+        print(f"{'stage':<16}{'lumen':>12}{'diffusers':>12}{'ratio':>8}{'py stage RSS MiB':>18}", file=sys.stderr)
+        fmt = lambda v, p: "-" if v is None else f"{v:.{p}f}"  # noqa: E731
+        for r in rows:
+            print(f"{r['stage']:<16}{fmt(r['lumen_median_ms'], 1):>12}{fmt(r['diffusers_median_ms'], 1):>12}"
+                  f"{fmt(r['ratio_lumen_over_diffusers'], 3):>8}{fmt(r.get('diffusers_stage_peak_rss_mib'), 0):>18}",
+                  file=sys.stderr)
+        if lum is not None:
+            print(f"lumen peak RSS: {fmt(report['lumen']['peak_rss_mib'], 0)} MiB"
+                  + (f"  (ERROR: {lum['error'][:300]})" if "error" in lum else ""), file=sys.stderr)
+        if py is not None:
+            print(f"diffusers peak RSS (process): {report['diffusers']['peak_rss_mib']} MiB", file=sys.stderr)
+        for side, v in load.items():
+            if v is not None and v > OTHER_LOAD_WARN:
+                print(f"WARNING: other processes used {v:.2f} cores on average while the {side} side ran: "
+                      "its timings are not trustworthy; rerun on a quiet machine", file=sys.stderr)
+
+    if a.mode in ("peak-rss", "all"):
+        pr = run_peak_rss(a, env)
+        report["synthesize_peak_rss"] = pr
+        failed |= "error" in pr or "max_rss_bytes" not in pr
+        if "max_rss_bytes" in pr:
+            print(f"lumen synthesize 512x512 CFG, 1 step: max RSS {pr['max_rss_gb']} GB ({pr['max_rss_gib']} GiB), "
+                  f"target < 8 GB: {'yes' if pr['under_target'] else 'NO'}", file=sys.stderr)
+        if "error" in pr:
+            print(f"lumen synthesize failed: {pr['error'][:300]}", file=sys.stderr)
+
+    report["seconds"] = round(time.perf_counter() - t0, 1)
+    print(json.dumps(report, indent=2))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
