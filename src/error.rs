@@ -43,6 +43,10 @@ pub enum Error {
     #[error("tensor computation failed: {0}")]
     Tensor(#[from] candle_core::Error),
 
+    /// The work was abandoned because nobody waits for its result any more.
+    #[error("cancelled: every client of this work has gone")]
+    Cancelled,
+
     /// Anything else that is lumen's own fault.
     #[error("internal error: {0}")]
     Internal(String),

@@ -7,6 +7,7 @@
 //!   layout-conditioned synthesis).
 //! - [`guide`]: guide-image decoding, resizing, normalization, previews.
 //! - [`config`]: model folders and lumen's own settings.
+//! - [`server`]: `lumen serve`, the HTTP service (queue, batching, inference thread).
 
 pub mod bench;
 pub mod config;
@@ -16,5 +17,6 @@ pub mod guide;
 pub mod models;
 pub mod pipeline;
 pub mod png_text;
+pub mod server;
 
 pub use error::{Error, Result};

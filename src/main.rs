@@ -1,4 +1,5 @@
-//! The `lumen` command line: layouts, PCA fitting and benchmarks.
+//! The `lumen` command line: the service, layouts, synthesis, PCA fitting,
+//! the OpenAPI document and benchmarks.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -11,6 +12,7 @@ use lumen::models::schedulers::SchedulerKind;
 use lumen::pipeline::fit_pca::{fit_pca, list_images};
 use lumen::pipeline::layout::LayoutModel;
 use lumen::pipeline::synthesis::{SynthesisItem, SynthesisModel, SynthesisSettings};
+use lumen::server::ServeArgs;
 use lumen::{bench, guide, png_text, Error, Result};
 
 // Tensor ops allocate large short-lived buffers; mimalloc reuses them instead
@@ -32,12 +34,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the HTTP inference service (POST /layout, POST /synthesize).
+    Serve(ServeArgs),
     /// Compute the neural layout of a guide image.
     Layout(LayoutArgs),
     /// Fit a PCA basis over the patch tokens of a folder of images.
     FitPca(FitPcaArgs),
     /// Generate images with the layout of a guide image.
     Synthesize(SynthesizeArgs),
+    /// Print the OpenAPI document (as committed in openapi/openapi.json).
+    Openapi,
     /// Benchmarks (compare against the references with scripts/bench_*.py).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -194,15 +200,18 @@ struct BenchLayoutArgs {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    let log_format = match &cli.command {
+        Command::Serve(a) => a.log_format.as_str(),
+        _ => "text",
+    };
+    lumen::server::init_logging(log_format);
     let result = match cli.command {
+        Command::Serve(a) => run_serve(a),
+        Command::Openapi => {
+            print!("{}", lumen::server::api::openapi_json());
+            Ok(())
+        }
         Command::Layout(a) => run_layout(a),
         Command::FitPca(a) => run_fit_pca(a),
         Command::Synthesize(a) => run_synthesize(a),
@@ -216,6 +225,15 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn run_serve(a: ServeArgs) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("lumen-http")
+        .build()
+        .map_err(|e| Error::Internal(format!("cannot start the async runtime: {e}")))?;
+    runtime.block_on(lumen::server::serve(a))
 }
 
 fn run_layout(a: LayoutArgs) -> Result<()> {

@@ -6,7 +6,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use common::{assert_close, cases, fails_with, lumen, reference, root, s};
+use common::{assert_close, cases, fails_with, lumen, png_with_header, reference, root, s};
 
 fn tiny_guide() -> (PathBuf, common::Guide) {
     let (_, case) = cases().into_iter().find(|(n, _)| n == "tiny").unwrap();
@@ -219,29 +219,6 @@ fn bad_parameters_are_named() {
         ],
         &["`components`"],
     );
-}
-
-/// A PNG of `width × height` whose header is valid (right CRC) and whose
-/// pixel data is `data` (IDAT, may be garbage or absent).
-fn png_with_header(width: u32, height: u32, data: Option<&[u8]>) -> Vec<u8> {
-    let mut v = b"\x89PNG\r\n\x1a\n".to_vec();
-    let mut chunk = |kind: &[u8], body: &[u8]| {
-        v.extend((body.len() as u32).to_be_bytes());
-        let mut c = kind.to_vec();
-        c.extend(body);
-        v.extend(&c);
-        v.extend(crc32fast::hash(&c).to_be_bytes());
-    };
-    let mut ihdr = Vec::new();
-    ihdr.extend(width.to_be_bytes());
-    ihdr.extend(height.to_be_bytes());
-    ihdr.extend([8, 2, 0, 0, 0]); // 8-bit RGB
-    chunk(b"IHDR", &ihdr);
-    if let Some(d) = data {
-        chunk(b"IDAT", d);
-    }
-    chunk(b"IEND", &[]);
-    v
 }
 
 #[test]

@@ -159,7 +159,7 @@ impl ControlNet {
         text: &Tensor,
         cond: &Tensor,
     ) -> Result<(Vec<Tensor>, Tensor)> {
-        let temb = self.down.time(latents.dim(0)?, timestep, latents)?;
+        let temb = self.down.time(timestep, latents)?;
         let cond = self.cond_embedding.forward(cond)?;
         let x = (self.down.conv_in.forward(latents)? + cond)?;
         let (x, skips) = self.down.forward(x, &temb, text)?;

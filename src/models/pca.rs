@@ -135,14 +135,7 @@ impl Pca {
 
     /// Check a requested K against this basis.
     pub fn check_components(&self, k: usize) -> Result<()> {
-        let kmax = self.max_components();
-        if k == 0 || k > kmax {
-            return Err(Error::param(
-                "components",
-                format!("{k} is out of range: this model's PCA basis has 1 to {kmax} components"),
-            ));
-        }
-        Ok(())
+        check_components(k, self.max_components())
     }
 
     /// Project tokens `[N, D]` onto the top `k` whitened components: `[N, k]`.
@@ -151,4 +144,15 @@ impl Pca {
         let centered = tokens.to_dtype(DType::F32)?.broadcast_sub(&self.mean)?;
         Ok(centered.matmul(&self.whitened.narrow(0, 0, k)?.t()?)?)
     }
+}
+
+/// A requested K must be within 1..=Kmax of the basis.
+pub fn check_components(k: usize, kmax: usize) -> Result<()> {
+    if k == 0 || k > kmax {
+        return Err(Error::param(
+            "components",
+            format!("{k} is out of range: this model's PCA basis has 1 to {kmax} components"),
+        ));
+    }
+    Ok(())
 }

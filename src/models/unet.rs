@@ -325,7 +325,7 @@ impl UNet {
         down_residuals: Option<&[Tensor]>,
         mid_residual: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let temb = self.down.time(latents.dim(0)?, timestep, latents)?;
+        let temb = self.down.time(timestep, latents)?;
         let x = self.down.conv_in.forward(latents)?;
         let (mut x, mut skips) = self.down.forward(x, &temb, text)?;
         if let Some(res) = down_residuals {

@@ -184,9 +184,12 @@ impl DownPath {
         })
     }
 
-    /// The time embedding for a batch of `b` at `timestep`.
-    pub fn time(&self, b: usize, timestep: f64, like: &Tensor) -> CResult<Tensor> {
-        let t = (Tensor::ones(b, like.dtype(), like.device())? * timestep)?;
+    /// The time embedding `[1, C]` at `timestep` (broadcast over the batch).
+    pub fn time(&self, timestep: f64, like: &Tensor) -> CResult<Tensor> {
+        // One row, broadcast over the batch by the resnets: every item shares
+        // the timestep, and a fixed shape keeps the result independent of the
+        // batch size (gemm takes other paths for other row counts).
+        let t = (Tensor::ones(1, like.dtype(), like.device())? * timestep)?;
         self.time_embedding.forward(&self.time_proj.forward(&t)?)
     }
 

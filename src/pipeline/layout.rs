@@ -90,11 +90,17 @@ impl LayoutModel {
     /// Resize and normalize a decoded guide (host only; safe to run off the
     /// inference thread).
     pub fn prepare(&self, img: &RgbImage, layout_size: Option<u32>) -> Result<PreparedGuide> {
-        prepare_guide(
-            &self.encoder,
-            img,
-            layout_size.unwrap_or(self.settings.layout_size),
-        )
+        self.spec().prepare(img, layout_size)
+    }
+
+    /// What request handling needs to know about this model, as plain data.
+    pub fn spec(&self) -> LayoutSpec {
+        LayoutSpec {
+            patch_size: self.encoder.patch_size(),
+            max_components: self.pca.max_components(),
+            default_components: self.default_components(),
+            settings: self.settings.clone(),
+        }
     }
 
     /// Patch tokens `[rows·cols, D]` for each guide (see [`encode_guides`]).
@@ -132,12 +138,46 @@ impl LayoutModel {
     }
 }
 
+/// The layout model's shape and limits as plain data: enough to validate a
+/// request and prepare its guide without touching the weights.
+#[derive(Clone, Debug)]
+pub struct LayoutSpec {
+    pub patch_size: usize,
+    /// Kmax of the PCA basis.
+    pub max_components: usize,
+    /// K used when a request names none.
+    pub default_components: usize,
+    pub settings: LumenSettings,
+}
+
+impl LayoutSpec {
+    /// Resize and normalize a decoded guide at `layout_size` (default from lumen.json).
+    pub fn prepare(&self, img: &RgbImage, layout_size: Option<u32>) -> Result<PreparedGuide> {
+        prepare_pixels(
+            self.patch_size,
+            img,
+            layout_size.unwrap_or(self.settings.layout_size),
+        )
+    }
+
+    /// `k` must be within 1..=Kmax.
+    pub fn check_components(&self, k: usize) -> Result<()> {
+        crate::models::pca::check_components(k, self.max_components)
+    }
+}
+
 /// Resize and normalize a decoded guide for `encoder` at `layout_size`.
 pub fn prepare_guide(encoder: &Dinov2, img: &RgbImage, layout_size: u32) -> Result<PreparedGuide> {
-    let patch = encoder.patch_size() as u32;
-    let resized = guide::resize_for_layout(img, layout_size, patch)?;
+    prepare_pixels(encoder.patch_size(), img, layout_size)
+}
+
+fn prepare_pixels(patch: usize, img: &RgbImage, layout_size: u32) -> Result<PreparedGuide> {
+    let resized = guide::resize_for_layout(img, layout_size, patch as u32)?;
     let pixels = guide::normalize(&resized)?;
-    let grid = encoder.grid(resized.height() as usize, resized.width() as usize);
+    let grid = (
+        resized.height() as usize / patch,
+        resized.width() as usize / patch,
+    );
     Ok(PreparedGuide {
         pixels,
         grid,
@@ -174,6 +214,35 @@ pub fn encode_guides(encoder: &Dinov2, guides: &[&PreparedGuide]) -> Result<Vec<
 }
 
 impl Layout {
+    /// The first `k` components (a PCA projection onto k components is the
+    /// first k rows of the projection onto more).
+    pub fn truncate(&self, k: usize) -> Result<Layout> {
+        if k == 0 || k > self.components {
+            return Err(Error::param(
+                "components",
+                format!("{k} is out of range 1..={}", self.components),
+            ));
+        }
+        Ok(Layout {
+            data: self.data.narrow(0, 0, k)?,
+            components: k,
+            grid: self.grid,
+        })
+    }
+
+    /// The layout as safetensors bytes with one tensor, `layout` (f32 [K, h, w]).
+    pub fn to_safetensors(&self) -> Result<Vec<u8>> {
+        let data = self.data.to_device(&Device::Cpu)?.contiguous()?;
+        safetensors::serialize([("layout", &data)], None)
+            .map_err(|e| Error::Internal(format!("cannot serialize the layout: {e}")))
+    }
+
+    /// Little-endian f32 values in `[K, h, w]` order.
+    pub fn to_le_bytes(&self) -> Result<Vec<u8>> {
+        let v = self.data.flatten_all()?.to_vec1::<f32>()?;
+        Ok(v.iter().flat_map(|x| x.to_le_bytes()).collect())
+    }
+
     /// Write the layout as safetensors with one tensor, `layout` (f32 [K, h, w]).
     pub fn save_safetensors(&self, path: &Path) -> Result<()> {
         let map = [("layout".to_string(), self.data.clone())]

@@ -69,10 +69,120 @@ pub struct SynthesisItem {
     pub latents: Option<Tensor>,
 }
 
+/// The diffusion half's sizes and limits as plain data.
+#[derive(Clone, Debug)]
+pub struct SynthesisSpec {
+    /// Output sides are multiples of this (VAE factor × UNet downsampling).
+    pub size_multiple: u32,
+    pub vae_factor: usize,
+    pub latent_channels: usize,
+    /// Kmax (= the ControlNet's conditioning channels).
+    pub max_components: usize,
+    pub scheduler_config: serde_json::Value,
+}
+
+impl SynthesisSpec {
+    /// The default output size for a guide of `width × height`: its aspect
+    /// with the longer side 512, both sides rounded to `size_multiple`.
+    pub fn default_size(&self, width: u32, height: u32) -> (u32, u32) {
+        let m = self.size_multiple;
+        let long = DEFAULT_LONG_SIDE.div_ceil(m) * m;
+        let short = |s: u32, l: u32| {
+            (((s as f64 * long as f64 / l as f64) / m as f64).round() as u32).max(1) * m
+        };
+        if width >= height {
+            (long, short(height, width))
+        } else {
+            (short(width, height), long)
+        }
+    }
+
+    /// The scheduler default: the folder's own class when lumen has it (SD1.5
+    /// ships PNDM, which it has not), else DPM++ 2M.
+    pub fn default_scheduler(&self) -> SchedulerKind {
+        self.scheduler_config
+            .get("_class_name")
+            .and_then(|c| c.as_str())
+            .and_then(SchedulerKind::from_class_name)
+            .unwrap_or(SchedulerKind::DpmSolverMultistep)
+    }
+
+    /// Check shared settings before any work is queued.
+    pub fn check_settings(&self, s: &SynthesisSettings) -> Result<()> {
+        let m = self.size_multiple;
+        for (name, v) in [("width", s.width), ("height", s.height)] {
+            if v == 0 || v % m != 0 || v > MAX_SIDE {
+                return Err(Error::param(
+                    name,
+                    format!("{v} must be a positive multiple of {m} (VAE factor × UNet downsampling), at most {MAX_SIDE}"),
+                ));
+            }
+        }
+        if s.steps == 0 || s.steps > MAX_STEPS {
+            return Err(Error::param(
+                "steps",
+                format!("{} is out of range 1..={MAX_STEPS}", s.steps),
+            ));
+        }
+        // Builds the scheduler once to surface config errors early.
+        schedulers::build(
+            s.scheduler,
+            &self.scheduler_config,
+            s.steps,
+            "scheduler/scheduler_config.json",
+        )?;
+        Ok(())
+    }
+
+    /// Check one item against the model.
+    pub fn check_item(&self, item: &SynthesisItem, s: &SynthesisSettings) -> Result<()> {
+        for (name, v) in [
+            ("guidance_scale", item.guidance),
+            ("control_scale", item.control_scale),
+        ] {
+            if !v.is_finite() {
+                return Err(Error::param(name, format!("{v} is not a finite number")));
+            }
+        }
+        crate::models::pca::check_components(item.layout.components, self.max_components)?;
+        if let Some(l) = &item.latents {
+            let want = self.latent_shape(s);
+            if l.dims() != want {
+                return Err(Error::param(
+                    "latents",
+                    format!(
+                        "shape {:?} does not match {want:?} for {}x{}",
+                        l.dims(),
+                        s.width,
+                        s.height
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// `[1, C, h, w]` of one image's latents.
+    pub fn latent_shape(&self, s: &SynthesisSettings) -> [usize; 4] {
+        let f = self.vae_factor;
+        [
+            1,
+            self.latent_channels,
+            s.height as usize / f,
+            s.width as usize / f,
+        ]
+    }
+}
+
 impl SynthesisModel {
-    /// Load every component of a model folder and check they fit together.
+    /// Load every component of a model folder in f32 and check they fit together.
     pub fn load(src: &ModelSource, device: &Device) -> Result<Self> {
-        let dtype = DType::F32;
+        Self::load_as(src, device, DType::F32)
+    }
+
+    /// [`Self::load`] with the weights (and the computation) in `dtype`:
+    /// f32, or f16 / bf16 on a GPU.
+    pub fn load_as(src: &ModelSource, device: &Device, dtype: DType) -> Result<Self> {
         let components: [(&str, &[&str]); 6] = [
             ("unet", &["unet/config.json"]),
             ("controlnet", &["controlnet/config.json"]),
@@ -157,109 +267,46 @@ impl SynthesisModel {
         &self.device
     }
 
-    /// Output sides must be multiples of this (VAE factor × UNet downsampling).
-    pub fn size_multiple(&self) -> u32 {
-        (self.vae.factor * self.unet.layout.downsample_factor()) as u32
-    }
-
-    /// The default output size for a guide of `width × height`: its aspect
-    /// with the longer side 512, both sides rounded to [`Self::size_multiple`].
-    pub fn default_size(&self, width: u32, height: u32) -> (u32, u32) {
-        let m = self.size_multiple();
-        let long = DEFAULT_LONG_SIDE.div_ceil(m) * m;
-        let short = |s: u32, l: u32| {
-            (((s as f64 * long as f64 / l as f64) / m as f64).round() as u32).max(1) * m
-        };
-        if width >= height {
-            (long, short(height, width))
-        } else {
-            (short(width, height), long)
+    /// The model's sizes and limits as plain data (for validating requests
+    /// away from the weights).
+    pub fn spec(&self) -> SynthesisSpec {
+        SynthesisSpec {
+            size_multiple: (self.vae.factor * self.unet.layout.downsample_factor()) as u32,
+            vae_factor: self.vae.factor,
+            latent_channels: self.vae.latent_channels,
+            max_components: self.max_components,
+            scheduler_config: self.scheduler_config.clone(),
         }
     }
 
-    /// The scheduler default: the folder's own class when lumen has it (SD1.5
-    /// ships PNDM, which it has not), else DPM++ 2M.
+    /// Output sides must be multiples of this (VAE factor × UNet downsampling).
+    pub fn size_multiple(&self) -> u32 {
+        self.spec().size_multiple
+    }
+
+    /// See [`SynthesisSpec::default_size`].
+    pub fn default_size(&self, width: u32, height: u32) -> (u32, u32) {
+        self.spec().default_size(width, height)
+    }
+
+    /// See [`SynthesisSpec::default_scheduler`].
     pub fn default_scheduler(&self) -> SchedulerKind {
-        self.scheduler_config
-            .get("_class_name")
-            .and_then(|c| c.as_str())
-            .and_then(SchedulerKind::from_class_name)
-            .unwrap_or(SchedulerKind::DpmSolverMultistep)
+        self.spec().default_scheduler()
     }
 
     /// Check shared settings before any work is queued.
     pub fn check_settings(&self, s: &SynthesisSettings) -> Result<()> {
-        let m = self.size_multiple();
-        for (name, v) in [("width", s.width), ("height", s.height)] {
-            if v == 0 || v % m != 0 || v > MAX_SIDE {
-                return Err(Error::param(
-                    name,
-                    format!("{v} must be a positive multiple of {m} (VAE factor × UNet downsampling), at most {MAX_SIDE}"),
-                ));
-            }
-        }
-        if s.steps == 0 || s.steps > MAX_STEPS {
-            return Err(Error::param(
-                "steps",
-                format!("{} is out of range 1..={MAX_STEPS}", s.steps),
-            ));
-        }
-        // Builds the scheduler once to surface config errors early.
-        schedulers::build(
-            s.scheduler,
-            &self.scheduler_config,
-            s.steps,
-            "scheduler/scheduler_config.json",
-        )?;
-        Ok(())
+        self.spec().check_settings(s)
     }
 
     /// Check one item against the model.
     pub fn check_item(&self, item: &SynthesisItem, s: &SynthesisSettings) -> Result<()> {
-        for (name, v) in [
-            ("guidance_scale", item.guidance),
-            ("control_scale", item.control_scale),
-        ] {
-            if !v.is_finite() {
-                return Err(Error::param(name, format!("{v} is not a finite number")));
-            }
-        }
-        let k = item.layout.components;
-        if k == 0 || k > self.max_components {
-            return Err(Error::param(
-                "components",
-                format!(
-                    "{k} is out of range: this model's PCA basis has 1 to {} components",
-                    self.max_components
-                ),
-            ));
-        }
-        if let Some(l) = &item.latents {
-            let want = self.latent_shape(s);
-            if l.dims() != want {
-                return Err(Error::param(
-                    "latents",
-                    format!(
-                        "shape {:?} does not match {want:?} for {}x{}",
-                        l.dims(),
-                        s.width,
-                        s.height
-                    ),
-                ));
-            }
-        }
-        Ok(())
+        self.spec().check_item(item, s)
     }
 
     /// `[1, C, h, w]` of one image's latents.
     pub fn latent_shape(&self, s: &SynthesisSettings) -> [usize; 4] {
-        let f = self.vae.factor;
-        [
-            1,
-            self.vae.latent_channels,
-            s.height as usize / f,
-            s.width as usize / f,
-        ]
+        self.spec().latent_shape(s)
     }
 
     /// Unit-variance Gaussian latents from `seed` (ChaCha20, drawn on the host).
@@ -433,7 +480,7 @@ impl SynthesisModel {
     /// Decode one image's latents `[1, C, h, w]` to 8-bit RGB, as diffusers'
     /// image processor does: (x / 2 + 0.5) clamped to [0, 1], × 255, rounded.
     pub fn decode(&self, latents: &Tensor) -> Result<RgbImage> {
-        let img = self.vae.decode(latents)?;
+        let img = self.vae.decode(latents)?.to_dtype(DType::F32)?;
         let img = ((img / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
         let img = (img * 255.0)?
             .round()?

@@ -119,3 +119,26 @@ pub fn fails_with(args: &[&str], needles: &[&str]) {
 pub fn s(p: &Path) -> &str {
     p.to_str().expect("UTF-8 path")
 }
+
+/// A PNG of `width × height` whose header is valid (right CRC) and whose
+/// pixel data is `data` (IDAT, may be garbage or absent).
+pub fn png_with_header(width: u32, height: u32, data: Option<&[u8]>) -> Vec<u8> {
+    let mut v = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut chunk = |kind: &[u8], body: &[u8]| {
+        v.extend((body.len() as u32).to_be_bytes());
+        let mut c = kind.to_vec();
+        c.extend(body);
+        v.extend(&c);
+        v.extend(crc32fast::hash(&c).to_be_bytes());
+    };
+    let mut ihdr = Vec::new();
+    ihdr.extend(width.to_be_bytes());
+    ihdr.extend(height.to_be_bytes());
+    ihdr.extend([8, 2, 0, 0, 0]); // 8-bit RGB
+    chunk(b"IHDR", &ihdr);
+    if let Some(d) = data {
+        chunk(b"IDAT", d);
+    }
+    chunk(b"IEND", &[]);
+    v
+}

@@ -1,0 +1,414 @@
+//! The inference thread: one dedicated OS thread owns the device and every
+//! model (encoder, PCA, text encoder, UNet, ControlNet, VAE). It loads them,
+//! runs one warm-up, reports the models' specs, then runs the batches the
+//! batcher sends, answering each job through its oneshot channel.
+
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use candle_core::{DType, Device};
+use image::RgbImage;
+use tokio::sync::oneshot;
+
+use crate::config::ModelSource;
+use crate::error::{Error, Result};
+use crate::pipeline::layout::{Layout, LayoutModel, LayoutSpec, PreparedGuide};
+use crate::pipeline::synthesis::{SynthesisItem, SynthesisModel, SynthesisSettings, SynthesisSpec};
+use crate::server::metrics;
+use crate::server::queue::{BatchKey, Job, JobTimings, LayoutInput, Output, Work};
+
+/// What the engine loads and how.
+pub struct EngineOptions {
+    pub source: ModelSource,
+    pub device: Device,
+    pub dtype: DType,
+    /// Most images one model call runs (a larger request is split).
+    pub max_batch: usize,
+}
+
+/// The loaded models' shapes and limits, for request validation.
+#[derive(Clone, Debug)]
+pub struct ModelSpecs {
+    pub layout: LayoutSpec,
+    pub synthesis: SynthesisSpec,
+    pub model: String,
+    pub device: String,
+    pub dtype: String,
+}
+
+type BatchMessage = (Vec<Job>, oneshot::Sender<()>);
+
+/// The batcher's end of the channel to the inference thread.
+pub struct EngineHandle {
+    tx: mpsc::Sender<BatchMessage>,
+}
+
+impl EngineHandle {
+    /// Run a batch and wait until the thread is done with it. Gives the jobs
+    /// back if the thread has stopped.
+    pub async fn run(&self, batch: Vec<Job>) -> std::result::Result<(), Vec<Job>> {
+        let (done_tx, done_rx) = oneshot::channel();
+        self.tx.send((batch, done_tx)).map_err(|e| e.0 .0)?;
+        // An Err here means the thread panicked mid-batch; the jobs' reply
+        // senders were dropped with it, so their handlers already answer 500.
+        let _ = done_rx.await;
+        Ok(())
+    }
+}
+
+/// Start the inference thread. The receiver gets the specs once the models
+/// are loaded and warmed up, or the loading error.
+pub fn start(
+    opts: EngineOptions,
+) -> Result<(
+    EngineHandle,
+    oneshot::Receiver<Result<ModelSpecs>>,
+    JoinHandle<()>,
+)> {
+    let (tx, rx) = mpsc::channel::<BatchMessage>();
+    let (ready_tx, ready_rx) = oneshot::channel();
+    let thread = std::thread::Builder::new()
+        .name("lumen-inference".into())
+        .spawn(move || {
+            let engine = match Engine::load(opts) {
+                Ok(e) => e,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            let _ = ready_tx.send(Ok(engine.specs.clone()));
+            while let Ok((jobs, done)) = rx.recv() {
+                engine.run_batch(jobs);
+                let _ = done.send(());
+            }
+            tracing::info!("inference thread stopped");
+        })
+        .map_err(|e| Error::Internal(format!("cannot start the inference thread: {e}")))?;
+    Ok((EngineHandle { tx }, ready_rx, thread))
+}
+
+struct Engine {
+    layout: LayoutModel,
+    synthesis: SynthesisModel,
+    specs: ModelSpecs,
+    max_batch: usize,
+}
+
+impl Engine {
+    fn load(opts: EngineOptions) -> Result<Self> {
+        let t = Instant::now();
+        let layout = LayoutModel::load(&opts.source, &opts.device)?;
+        let synthesis = SynthesisModel::load_as(&opts.source, &opts.device, opts.dtype)?;
+        let specs = ModelSpecs {
+            layout: layout.spec(),
+            synthesis: synthesis.spec(),
+            model: opts.source.identity(),
+            device: device_name(&opts.device),
+            dtype: format!("{:?}", opts.dtype).to_lowercase(),
+        };
+        tracing::info!(
+            model = %specs.model,
+            device = %specs.device,
+            dtype = %specs.dtype,
+            seconds = t.elapsed().as_secs_f64(),
+            "models loaded"
+        );
+        let engine = Self {
+            layout,
+            synthesis,
+            specs,
+            max_batch: opts.max_batch.max(1),
+        };
+        engine.warm_up()?;
+        Ok(engine)
+    }
+
+    /// One layout and one single-step synthesis at the smallest size, so the
+    /// first request does not pay for first-use allocations.
+    fn warm_up(&self) -> Result<()> {
+        let t = Instant::now();
+        let spec = &self.specs.layout;
+        let img = RgbImage::from_pixel(64, 64, image::Rgb([128, 128, 128]));
+        let guide = spec.prepare(&img, None)?;
+        let layout = self
+            .layout
+            .layouts(&[(&guide, spec.default_components)])?
+            .pop()
+            .ok_or_else(|| Error::Internal("warm-up produced no layout".into()))?;
+        let m = self.specs.synthesis.size_multiple;
+        let settings = SynthesisSettings {
+            width: m,
+            height: m,
+            steps: 1,
+            scheduler: self.specs.synthesis.default_scheduler(),
+        };
+        let item = SynthesisItem {
+            layout,
+            prompt: String::new(),
+            negative_prompt: String::new(),
+            guidance: 7.5,
+            control_scale: 1.0,
+            seed: 0,
+            latents: None,
+        };
+        self.synthesis.generate(&settings, &[item], |_, _| {})?;
+        tracing::info!(seconds = t.elapsed().as_secs_f64(), "warm-up done");
+        Ok(())
+    }
+
+    fn run_batch(&self, jobs: Vec<Job>) {
+        let Some(key) = jobs.first().map(Job::key) else {
+            return;
+        };
+        let start = Instant::now();
+        let kind = match key {
+            BatchKey::Layout => "layout",
+            BatchKey::Synthesis { .. } => "synthesis",
+        };
+        ::metrics::gauge!(metrics::IN_FLIGHT).set(jobs.len() as f64);
+        ::metrics::histogram!(metrics::BATCH_SIZE, "kind" => kind).record(jobs.len() as f64);
+        for j in &jobs {
+            metrics::stage("queue", start.duration_since(j.enqueued).as_secs_f64());
+        }
+        tracing::debug!(kind, jobs = jobs.len(), "running batch");
+        match key {
+            BatchKey::Layout => self.run_layouts(jobs, start),
+            BatchKey::Synthesis { .. } => self.run_synthesis(jobs, start),
+        }
+        ::metrics::gauge!(metrics::IN_FLIGHT).set(0.0);
+    }
+
+    fn run_layouts(&self, jobs: Vec<Job>, start: Instant) {
+        let kmax = self.specs.layout.max_components;
+        let guides: Vec<(&PreparedGuide, usize)> = jobs
+            .iter()
+            .filter_map(|j| match &j.work {
+                Work::Layout(g) => Some((g, kmax)),
+                Work::Synthesis(_) => None,
+            })
+            .collect();
+        let n = guides.len();
+        let t = Instant::now();
+        let result = self.layout.layouts(&guides);
+        drop(guides);
+        let layout_s = t.elapsed().as_secs_f64();
+        metrics::stage("layout", layout_s);
+        match result {
+            Ok(layouts) if layouts.len() == jobs.len() => {
+                for (job, layout) in jobs.into_iter().zip(layouts) {
+                    let timings = JobTimings {
+                        queue: start.duration_since(job.enqueued).as_secs_f64(),
+                        layout: layout_s,
+                        batch_images: n,
+                        ..Default::default()
+                    };
+                    let _ = job.reply.send(Ok(Output::Layout {
+                        layout: Arc::new(layout),
+                        timings,
+                    }));
+                }
+            }
+            Ok(_) => fail_all(jobs, &Error::Internal("layout count mismatch".into())),
+            Err(e) => fail_all(jobs, &e),
+        }
+    }
+
+    fn run_synthesis(&self, jobs: Vec<Job>, start: Instant) {
+        let kmax = self.specs.layout.max_components;
+        // 1. Encode the guides the batch brought, together.
+        let guides: Vec<(usize, &PreparedGuide)> = jobs
+            .iter()
+            .enumerate()
+            .filter_map(|(i, j)| match &j.work {
+                Work::Synthesis(s) => match &s.layout {
+                    LayoutInput::Guide(g) => Some((i, g)),
+                    LayoutInput::Ready(_) => None,
+                },
+                Work::Layout(_) => None,
+            })
+            .collect();
+        let mut computed: Vec<Option<Arc<Layout>>> = vec![None; jobs.len()];
+        let mut layout_s = 0.0;
+        if !guides.is_empty() {
+            let t = Instant::now();
+            let refs: Vec<(&PreparedGuide, usize)> =
+                guides.iter().map(|(_, g)| (*g, kmax)).collect();
+            match self.layout.layouts(&refs) {
+                Ok(layouts) => {
+                    for ((i, _), l) in guides.iter().zip(layouts) {
+                        computed[*i] = Some(Arc::new(l));
+                    }
+                }
+                Err(e) => return fail_all(jobs, &e),
+            }
+            layout_s = t.elapsed().as_secs_f64();
+            metrics::stage("layout", layout_s);
+        }
+
+        // 2. One item per image, remembering whose it is.
+        let mut settings: Option<SynthesisSettings> = None;
+        let mut items: Vec<(usize, SynthesisItem)> = Vec::new();
+        let mut errors: Vec<Option<Error>> = (0..jobs.len()).map(|_| None).collect();
+        for (i, job) in jobs.iter().enumerate() {
+            let Work::Synthesis(s) = &job.work else {
+                continue;
+            };
+            settings.get_or_insert_with(|| s.settings.clone());
+            let full = match (&s.layout, &computed[i]) {
+                (LayoutInput::Ready(l), _) => l.clone(),
+                (LayoutInput::Guide(_), Some(l)) => l.clone(),
+                (LayoutInput::Guide(_), None) => {
+                    errors[i] = Some(Error::Internal("the guide was not encoded".into()));
+                    continue;
+                }
+            };
+            let layout = match full.truncate(s.components) {
+                Ok(l) => l,
+                Err(e) => {
+                    errors[i] = Some(e);
+                    continue;
+                }
+            };
+            for n in 0..s.num_images {
+                items.push((
+                    i,
+                    SynthesisItem {
+                        layout: layout.clone(),
+                        prompt: s.prompt.clone(),
+                        negative_prompt: s.negative_prompt.clone(),
+                        guidance: s.guidance,
+                        control_scale: s.control_scale,
+                        seed: s.seed.wrapping_add(n as u64),
+                        latents: None,
+                    },
+                ));
+            }
+        }
+        let Some(settings) = settings else {
+            return;
+        };
+        ::metrics::histogram!(metrics::BATCH_IMAGES).record(items.len() as f64);
+
+        // 3. Denoise and decode in chunks of at most max_batch images.
+        let mut images: Vec<Vec<RgbImage>> = (0..jobs.len()).map(|_| Vec::new()).collect();
+        let mut timings: Vec<JobTimings> = jobs
+            .iter()
+            .map(|j| JobTimings {
+                queue: start.duration_since(j.enqueued).as_secs_f64(),
+                layout: if guides.is_empty() { 0.0 } else { layout_s },
+                batch_images: items.len().min(self.max_batch),
+                ..Default::default()
+            })
+            .collect();
+        for chunk in items.chunks(self.max_batch) {
+            let owners: Vec<usize> = chunk.iter().map(|(o, _)| *o).collect();
+            if owners
+                .iter()
+                .all(|&o| errors[o].is_some() || jobs[o].abandoned())
+            {
+                continue;
+            }
+            let batch: Vec<SynthesisItem> = chunk.iter().map(|(_, it)| it.clone()).collect();
+            let t = Instant::now();
+            let mut cancelled = |_: usize, _: &candle_core::Tensor| -> Result<()> {
+                if owners.iter().all(|&o| jobs[o].abandoned()) {
+                    Err(Error::Cancelled)
+                } else {
+                    Ok(())
+                }
+            };
+            let latents =
+                self.synthesis
+                    .denoise_with(&settings, &batch, &mut |_, _| {}, &mut cancelled);
+            let denoise_s = t.elapsed().as_secs_f64();
+            metrics::stage("denoise", denoise_s);
+            let latents = match latents {
+                Ok(l) => l,
+                Err(e) => {
+                    if matches!(e, Error::Cancelled) {
+                        metrics::dropped("disconnected");
+                    }
+                    for &o in &owners {
+                        errors[o].get_or_insert_with(|| share(&e));
+                    }
+                    continue;
+                }
+            };
+            let mut seen = Vec::new();
+            for (n, &o) in owners.iter().enumerate() {
+                if !seen.contains(&o) {
+                    timings[o].denoise += denoise_s;
+                    seen.push(o);
+                }
+                if errors[o].is_some() || jobs[o].abandoned() {
+                    continue;
+                }
+                let t = Instant::now();
+                let img = latents
+                    .narrow(0, n, 1)
+                    .map_err(Error::from)
+                    .and_then(|l| self.synthesis.decode(&l));
+                let decode_s = t.elapsed().as_secs_f64();
+                metrics::stage("decode", decode_s);
+                timings[o].decode += decode_s;
+                match img {
+                    Ok(img) => images[o].push(img),
+                    Err(e) => errors[o] = Some(e),
+                }
+            }
+        }
+
+        // 4. Answer.
+        for (i, job) in jobs.into_iter().enumerate() {
+            let answer = match errors[i].take() {
+                Some(e) => Err(e),
+                None => Ok(Output::Synthesis {
+                    images: std::mem::take(&mut images[i]),
+                    computed_layout: computed[i].take(),
+                    timings: timings[i],
+                }),
+            };
+            let _ = job.reply.send(answer);
+        }
+    }
+}
+
+/// Answer every job of a batch with (a copy of) the same error.
+fn fail_all(jobs: Vec<Job>, e: &Error) {
+    tracing::error!(error = %e, jobs = jobs.len(), "batch failed");
+    for job in jobs {
+        let _ = job.reply.send(Err(share(e)));
+    }
+}
+
+/// A copy of an error for another job of the same batch.
+fn share(e: &Error) -> Error {
+    match e {
+        Error::InvalidParameter { name, message } => Error::param(name.clone(), message),
+        Error::InvalidImage(m) => Error::InvalidImage(m.clone()),
+        Error::ImageTooLarge {
+            width,
+            height,
+            pixels,
+            limit,
+        } => Error::ImageTooLarge {
+            width: *width,
+            height: *height,
+            pixels: *pixels,
+            limit: *limit,
+        },
+        Error::Cancelled => Error::Cancelled,
+        other => Error::Internal(other.to_string()),
+    }
+}
+
+fn device_name(d: &Device) -> String {
+    match d.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        other => format!("{other:?}").to_lowercase(),
+    }
+}

@@ -1,0 +1,137 @@
+//! The service's error type and the one place where errors become HTTP
+//! statuses. Every failure answers `{"error": {"code": "...", "message": "..."}}`.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
+use crate::error::Error;
+use crate::server::api::{ErrorBody, ErrorDetail};
+
+/// Everything a request can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// A failure from the pipeline or its validation (bad parameter, bad
+    /// image, or lumen's own fault).
+    #[error(transparent)]
+    Lumen(#[from] Error),
+
+    /// The body is not what the endpoint reads (bad JSON, bad multipart,
+    /// bad base64, missing field, unknown field); `field` names the culprit.
+    #[error("invalid request field `{field}`: {message}")]
+    BadRequest { field: String, message: String },
+
+    #[error("missing or wrong API key: send `Authorization: Bearer <key>` or `X-API-Key: <key>`")]
+    Unauthorized,
+
+    #[error("unknown layout_id `{0}` (layouts are kept in a bounded cache: compute it again with POST /layout)")]
+    UnknownLayout(String),
+
+    #[error("no route for {method} {path}")]
+    NoRoute { method: String, path: String },
+
+    #[error("method {method} is not allowed on {path}")]
+    MethodNotAllowed { method: String, path: String },
+
+    #[error("the request body is over the limit of {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+
+    #[error("unsupported content type `{0}`: send application/json or multipart/form-data")]
+    UnsupportedMediaType(String),
+
+    #[error("cannot answer with `{accept}`: {message}")]
+    NotAcceptable { accept: String, message: String },
+
+    #[error(
+        "the queue is full ({capacity} requests waiting or running); retry in {retry_after_s} s"
+    )]
+    Overloaded { capacity: usize, retry_after_s: u64 },
+
+    #[error("the request did not finish within {0} s")]
+    Timeout(u64),
+
+    #[error("the models are still loading")]
+    NotReady,
+
+    #[error("the server is shutting down")]
+    ShuttingDown,
+}
+
+impl ApiError {
+    pub fn bad_request(field: impl Into<String>, message: impl std::fmt::Display) -> Self {
+        ApiError::BadRequest {
+            field: field.into(),
+            message: message.to_string(),
+        }
+    }
+
+    /// HTTP status and stable machine-readable code.
+    pub fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            ApiError::Lumen(e) => match e {
+                Error::InvalidParameter { .. } => (StatusCode::BAD_REQUEST, "invalid_parameter"),
+                Error::InvalidImage(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_image"),
+                Error::ImageTooLarge { .. } => {
+                    (StatusCode::UNPROCESSABLE_ENTITY, "image_too_large")
+                }
+                Error::Cancelled => (StatusCode::SERVICE_UNAVAILABLE, "cancelled"),
+                Error::ModelFile { .. }
+                | Error::Io { .. }
+                | Error::Tensor(_)
+                | Error::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            },
+            ApiError::BadRequest { .. } => (StatusCode::BAD_REQUEST, "invalid_request"),
+            ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ApiError::UnknownLayout(_) => (StatusCode::NOT_FOUND, "unknown_layout"),
+            ApiError::NoRoute { .. } => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::MethodNotAllowed { .. } => {
+                (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed")
+            }
+            ApiError::PayloadTooLarge { .. } => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
+            }
+            ApiError::UnsupportedMediaType(_) => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
+            }
+            ApiError::NotAcceptable { .. } => (StatusCode::NOT_ACCEPTABLE, "not_acceptable"),
+            ApiError::Overloaded { .. } => (StatusCode::TOO_MANY_REQUESTS, "overloaded"),
+            ApiError::Timeout(_) => (StatusCode::SERVICE_UNAVAILABLE, "timeout"),
+            ApiError::NotReady => (StatusCode::SERVICE_UNAVAILABLE, "not_ready"),
+            ApiError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        if status.is_server_error() {
+            tracing::error!(code, error = %self, "request failed");
+        } else {
+            tracing::debug!(code, error = %self, "request refused");
+        }
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: code.to_string(),
+                message: self.to_string(),
+            },
+        };
+        let mut res = (status, Json(body)).into_response();
+        let retry_after = match &self {
+            ApiError::Overloaded { retry_after_s, .. } => Some(*retry_after_s),
+            ApiError::NotReady => Some(5),
+            _ => None,
+        };
+        if let Some(s) = retry_after {
+            res.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        if let ApiError::Unauthorized = self {
+            res.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        res
+    }
+}
+
+pub type ApiResult<T> = std::result::Result<T, ApiError>;

@@ -1,0 +1,107 @@
+//! Prometheus metrics: what a dashboard and an autoscaler need. Names are
+//! `lumen_<subsystem>_<what>`; durations are histograms in seconds.
+//!
+//! - `lumen_queue_depth` (gauge): jobs waiting for the inference thread.
+//! - `lumen_queue_in_flight` (gauge): jobs in the batch being run.
+//! - `lumen_queue_batch_size` (histogram, label `kind` = layout|synthesis):
+//!   jobs per batch; `lumen_queue_batch_images` images per synthesis batch.
+//! - `lumen_queue_dropped_total` (counter, label `reason` =
+//!   disconnected|deadline): jobs dropped before they ran.
+//! - `lumen_stage_duration_seconds` (histogram, label `stage` = queue, layout,
+//!   denoise, decode, encode_output).
+//! - `lumen_http_requests_total` (counter, labels `endpoint`, `status`) and
+//!   `lumen_http_request_duration_seconds` (histogram, label `endpoint`).
+
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request};
+use axum::middleware::Next;
+use axum::response::Response;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const QUEUE_DEPTH: &str = "lumen_queue_depth";
+pub const IN_FLIGHT: &str = "lumen_queue_in_flight";
+pub const BATCH_SIZE: &str = "lumen_queue_batch_size";
+pub const BATCH_IMAGES: &str = "lumen_queue_batch_images";
+pub const DROPPED: &str = "lumen_queue_dropped_total";
+pub const STAGE_SECONDS: &str = "lumen_stage_duration_seconds";
+pub const REQUESTS: &str = "lumen_http_requests_total";
+pub const REQUEST_SECONDS: &str = "lumen_http_request_duration_seconds";
+
+/// The process-wide recorder (installed on first use) and its renderer.
+pub fn handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let seconds = [
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+                300.0,
+            ];
+            let sizes = [1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0];
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &seconds)
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(BATCH_SIZE.into()), &sizes))
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(BATCH_IMAGES.into()), &sizes));
+            let recorder = match builder {
+                Ok(b) => b.build_recorder(),
+                Err(_) => PrometheusBuilder::new().build_recorder(),
+            };
+            let handle = recorder.handle();
+            // Fails only if another recorder is installed; ours then stays empty.
+            let _ = metrics::set_global_recorder(recorder);
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    metrics::describe_gauge!(QUEUE_DEPTH, "Jobs waiting for the inference thread");
+    metrics::describe_gauge!(IN_FLIGHT, "Jobs in the batch being run");
+    metrics::describe_histogram!(BATCH_SIZE, "Jobs per batch");
+    metrics::describe_histogram!(BATCH_IMAGES, "Images per synthesis batch");
+    metrics::describe_counter!(DROPPED, "Jobs dropped before they ran");
+    metrics::describe_histogram!(
+        STAGE_SECONDS,
+        metrics::Unit::Seconds,
+        "Duration of each pipeline stage"
+    );
+    metrics::describe_counter!(REQUESTS, "HTTP requests by endpoint and status");
+    metrics::describe_histogram!(
+        REQUEST_SECONDS,
+        metrics::Unit::Seconds,
+        "HTTP request duration by endpoint"
+    );
+    metrics::gauge!(QUEUE_DEPTH).set(0.0);
+    metrics::gauge!(IN_FLIGHT).set(0.0);
+}
+
+/// Record one stage duration.
+pub fn stage(stage: &'static str, seconds: f64) {
+    metrics::histogram!(STAGE_SECONDS, "stage" => stage).record(seconds);
+}
+
+pub fn gauge_queue_depth(n: usize) {
+    metrics::gauge!(QUEUE_DEPTH).set(n as f64);
+}
+
+pub fn dropped(reason: &'static str) {
+    metrics::counter!(DROPPED, "reason" => reason).increment(1);
+}
+
+/// Middleware: count every request by route template and status.
+pub async fn track(req: Request, next: Next) -> Response {
+    let endpoint = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".to_string());
+    let start = Instant::now();
+    let res = next.run(req).await;
+    let status = res.status().as_u16().to_string();
+    metrics::counter!(REQUESTS, "endpoint" => endpoint.clone(), "status" => status).increment(1);
+    metrics::histogram!(REQUEST_SECONDS, "endpoint" => endpoint)
+        .record(start.elapsed().as_secs_f64());
+    res
+}
