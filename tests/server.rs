@@ -463,8 +463,35 @@ async fn synthesize_matches_the_cli_in_every_format_and_input_form() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn health_ready_metrics_openapi_and_docs() {
-    let srv = Server::start(&[]).await;
+async fn health_ready_metrics_openapi_docs_cors_and_request_ids() {
+    let srv = Server::start(&["--cors-origin", "https://app.example"]).await;
+    let r = srv
+        .client
+        .get(srv.url("/health"))
+        .header(header::ORIGIN, "https://app.example")
+        .header("x-request-id", "abc-123")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.headers()[header::ACCESS_CONTROL_ALLOW_ORIGIN],
+        "https://app.example"
+    );
+    assert_eq!(r.headers()["x-request-id"], "abc-123");
+    let r = srv
+        .client
+        .get(srv.url("/health"))
+        .header(header::ORIGIN, "https://evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert!(!r
+        .headers()
+        .contains_key(header::ACCESS_CONTROL_ALLOW_ORIGIN));
+    assert!(
+        !r.headers()["x-request-id"].is_empty(),
+        "a request id is generated"
+    );
     for path in ["/health", "/ready"] {
         let (status, v) = json_of(srv.client.get(srv.url(path)).send().await.unwrap()).await;
         assert_eq!(status, StatusCode::OK);
@@ -1027,4 +1054,31 @@ fn bad_serve_options_fail_fast_with_the_culprit_named() {
         &["`log_format`"],
     );
     common::fails_with(&["serve", "--port", "0", "--device", "tpu"], &["`device`"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn f16_weights_give_nearly_the_f32_image() {
+    let body = synth_body(json!({"image": b64(&guide_bytes())}));
+    let mut images = Vec::new();
+    for dtype in ["f32", "f16"] {
+        let srv = Server::start(&["--dtype", dtype]).await;
+        let (_, h) = json_of(srv.client.get(srv.url("/health")).send().await.unwrap()).await;
+        assert_eq!(h["dtype"], dtype);
+        let (status, v) = json_of(srv.post_json("/synthesize", &body).await).await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        images.push(rgb(&unb64(&v["images"][0]["data"])));
+    }
+    let diffs: Vec<f64> = images[0]
+        .as_raw()
+        .iter()
+        .zip(images[1].as_raw())
+        .map(|(a, b)| a.abs_diff(*b) as f64)
+        .collect();
+    let max = diffs.iter().cloned().fold(0.0, f64::max);
+    let mean = diffs.iter().sum::<f64>() / diffs.len() as f64;
+    eprintln!("f16 vs f32: max {max}/255, mean {mean:.3}/255");
+    assert!(
+        max <= 16.0 && mean <= 1.5,
+        "f16 vs f32: max {max}, mean {mean}"
+    );
 }
