@@ -7,12 +7,14 @@
 //!   layout-conditioned synthesis).
 //! - [`guide`]: guide-image decoding, resizing, normalization, previews.
 //! - [`config`]: model folders and lumen's own settings.
+//! - [`fetch`]: `lumen fetch`, a model folder from Hugging Face Hub repositories.
 //! - [`server`]: `lumen serve`, the HTTP service (queue, batching, inference thread).
 
 pub mod bench;
 pub mod config;
 pub mod embedded;
 pub mod error;
+pub mod fetch;
 pub mod guide;
 pub mod models;
 pub mod pipeline;

@@ -42,6 +42,8 @@ enum Command {
     FitPca(FitPcaArgs),
     /// Generate images with the layout of a guide image.
     Synthesize(SynthesizeArgs),
+    /// Assemble a model folder from Hugging Face Hub repositories.
+    Fetch(FetchArgs),
     /// Print the OpenAPI document (as committed in openapi/openapi.json).
     Openapi,
     /// Benchmarks (compare against the references with scripts/bench_*.py).
@@ -155,6 +157,43 @@ struct SynthesizeArgs {
     quiet: bool,
 }
 
+#[derive(Args)]
+struct FetchArgs {
+    /// The model folder to create or complete.
+    #[arg(long, short = 'o', env = "LUMEN_OUT")]
+    out: PathBuf,
+    /// DINOv2 encoder repository (transformers Dinov2Model).
+    #[arg(
+        long,
+        env = "LUMEN_ENCODER_REPO",
+        default_value = "facebook/dinov2-large"
+    )]
+    encoder: String,
+    /// SD1.5-style diffusers repository (unet, vae, text_encoder, tokenizer, scheduler).
+    #[arg(
+        long,
+        env = "LUMEN_DIFFUSION_REPO",
+        default_value = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    )]
+    diffusion: String,
+    /// The LUMEN ControlNet: a Hub repository or a local folder (config.json +
+    /// diffusion_pytorch_model.safetensors, optionally pca.safetensors and lumen.json).
+    #[arg(long, env = "LUMEN_CONTROLNET")]
+    controlnet: String,
+    /// A PCA basis (pca.safetensors) to copy into the folder.
+    #[arg(long, env = "LUMEN_PCA")]
+    pca: Option<PathBuf>,
+    /// Revision (branch, tag or commit) of the Hub repositories.
+    #[arg(long, env = "LUMEN_REVISION", default_value = "main")]
+    revision: String,
+    /// Download cache (default: $HF_HOME/hub, else ~/.cache/huggingface/hub).
+    #[arg(long, env = "LUMEN_HF_CACHE")]
+    cache_dir: Option<PathBuf>,
+    /// Hide the progress bars.
+    #[arg(long, env = "LUMEN_QUIET")]
+    quiet: bool,
+}
+
 #[derive(Subcommand)]
 enum BenchCommand {
     /// Time the DINOv2 encoder forward pass on synthetic input.
@@ -208,6 +247,7 @@ fn main() -> ExitCode {
     lumen::server::init_logging(log_format);
     let result = match cli.command {
         Command::Serve(a) => run_serve(a),
+        Command::Fetch(a) => run_fetch(a),
         Command::Openapi => {
             print!("{}", lumen::server::api::openapi_json());
             Ok(())
@@ -234,6 +274,28 @@ fn run_serve(a: ServeArgs) -> Result<()> {
         .build()
         .map_err(|e| Error::Internal(format!("cannot start the async runtime: {e}")))?;
     runtime.block_on(lumen::server::serve(a))
+}
+
+fn run_fetch(a: FetchArgs) -> Result<()> {
+    let report = lumen::fetch::fetch(&lumen::fetch::FetchOptions {
+        out: a.out.clone(),
+        encoder: a.encoder,
+        diffusion: a.diffusion,
+        controlnet: a.controlnet,
+        pca: a.pca,
+        revision: a.revision,
+        cache_dir: a.cache_dir,
+        progress: !a.quiet,
+    })?;
+    println!("wrote {} files to {}", report.files.len(), a.out.display());
+    if !report.has_pca {
+        println!(
+            "no PCA basis yet: fit one on images like yours with\n  lumen fit-pca --models {0} --images DIR --components K --out {0}/pca.safetensors\n\
+             (K must equal the ControlNet's conditioning_channels)",
+            a.out.display()
+        );
+    }
+    Ok(())
 }
 
 fn run_layout(a: LayoutArgs) -> Result<()> {
