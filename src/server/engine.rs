@@ -81,7 +81,16 @@ pub fn start(
             };
             let _ = ready_tx.send(Ok(engine.specs.clone()));
             while let Ok((jobs, done)) = rx.recv() {
-                engine.run_batch(jobs);
+                // A bug must not take the models down with it: the batch's
+                // reply channels are dropped (its requests answer 500) and
+                // the thread goes on with the next batch.
+                let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    engine.run_batch(jobs)
+                }));
+                if run.is_err() {
+                    tracing::error!("a batch panicked; its requests were answered 500");
+                    ::metrics::gauge!(metrics::IN_FLIGHT).set(0.0);
+                }
                 let _ = done.send(());
             }
             tracing::info!("inference thread stopped");
