@@ -35,13 +35,11 @@ pub const MAX_SIDE: u32 = 2048;
 /// half ([`crate::pipeline::layout::LayoutModel`]) is loaded separately, so
 /// a one-shot command can free the encoder before the diffusion weights load.
 pub struct SynthesisModel {
-    /// Kmax of the folder's PCA basis (= the ControlNet's conditioning channels).
-    pub max_components: usize,
     pub text: TextConditioner,
     pub unet: UNet,
     pub controlnet: ControlNet,
     pub vae: Vae,
-    scheduler_config: serde_json::Value,
+    spec: SynthesisSpec,
     device: Device,
     dtype: DType,
 }
@@ -251,13 +249,19 @@ impl SynthesisModel {
                 ),
             ));
         }
-        Ok(Self {
+        let spec = SynthesisSpec {
+            size_multiple: (vae.factor * unet.layout.downsample_factor()) as u32,
+            vae_factor: vae.factor,
+            latent_channels: vae.latent_channels,
             max_components: kmax,
+            scheduler_config,
+        };
+        Ok(Self {
             text,
             unet,
             controlnet,
             vae,
-            scheduler_config,
+            spec,
             device: device.clone(),
             dtype,
         })
@@ -269,44 +273,43 @@ impl SynthesisModel {
 
     /// The model's sizes and limits as plain data (for validating requests
     /// away from the weights).
-    pub fn spec(&self) -> SynthesisSpec {
-        SynthesisSpec {
-            size_multiple: (self.vae.factor * self.unet.layout.downsample_factor()) as u32,
-            vae_factor: self.vae.factor,
-            latent_channels: self.vae.latent_channels,
-            max_components: self.max_components,
-            scheduler_config: self.scheduler_config.clone(),
-        }
+    pub fn spec(&self) -> &SynthesisSpec {
+        &self.spec
+    }
+
+    /// Kmax of the folder's PCA basis (= the ControlNet's conditioning channels).
+    pub fn max_components(&self) -> usize {
+        self.spec.max_components
     }
 
     /// Output sides must be multiples of this (VAE factor × UNet downsampling).
     pub fn size_multiple(&self) -> u32 {
-        self.spec().size_multiple
+        self.spec.size_multiple
     }
 
     /// See [`SynthesisSpec::default_size`].
     pub fn default_size(&self, width: u32, height: u32) -> (u32, u32) {
-        self.spec().default_size(width, height)
+        self.spec.default_size(width, height)
     }
 
     /// See [`SynthesisSpec::default_scheduler`].
     pub fn default_scheduler(&self) -> SchedulerKind {
-        self.spec().default_scheduler()
+        self.spec.default_scheduler()
     }
 
     /// Check shared settings before any work is queued.
     pub fn check_settings(&self, s: &SynthesisSettings) -> Result<()> {
-        self.spec().check_settings(s)
+        self.spec.check_settings(s)
     }
 
     /// Check one item against the model.
     pub fn check_item(&self, item: &SynthesisItem, s: &SynthesisSettings) -> Result<()> {
-        self.spec().check_item(item, s)
+        self.spec.check_item(item, s)
     }
 
     /// `[1, C, h, w]` of one image's latents.
     pub fn latent_shape(&self, s: &SynthesisSettings) -> [usize; 4] {
-        self.spec().latent_shape(s)
+        self.spec.latent_shape(s)
     }
 
     /// Unit-variance Gaussian latents from `seed` (ChaCha20, drawn on the host).
@@ -393,7 +396,7 @@ impl SynthesisModel {
         }
         let mut scheduler = schedulers::build(
             s.scheduler,
-            &self.scheduler_config,
+            &self.spec.scheduler_config,
             s.steps,
             "scheduler/scheduler_config.json",
         )?;

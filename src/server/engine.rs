@@ -113,7 +113,7 @@ impl Engine {
         let synthesis = SynthesisModel::load_as(&opts.source, &opts.device, opts.dtype)?;
         let specs = ModelSpecs {
             layout: layout.spec(),
-            synthesis: synthesis.spec(),
+            synthesis: synthesis.spec().clone(),
             model: opts.source.identity(),
             device: device_name(&opts.device),
             dtype: format!("{:?}", opts.dtype).to_lowercase(),

@@ -24,6 +24,7 @@ use crate::server::api::{
     ErrorBody, ImageOut, LayoutRequest, LayoutResponse, Status, SynthesisParameters,
     SynthesizeRequest, SynthesizeResponse, Timings,
 };
+use crate::server::engine::ModelSpecs;
 use crate::server::error::{ApiError, ApiResult};
 use crate::server::queue::{Job, LayoutInput, Output, SynthesisWork, Work};
 use crate::server::{metrics, AppState, CachedLayout};
@@ -75,7 +76,7 @@ type AppStateRef = State<Arc<AppState>>;
 )]
 pub async fn layout(State(state): AppStateRef, req: Request) -> ApiResult<Response> {
     let start = Instant::now();
-    let specs = state.specs()?.clone();
+    let specs = state.specs()?;
     let accept = LayoutAccept::parse(req.headers())?;
     let body = read_body(&state, req, &["components", "layout_size"], &[]).await?;
     let p: LayoutRequest = body.deserialize()?;
@@ -83,18 +84,10 @@ pub async fn layout(State(state): AppStateRef, req: Request) -> ApiResult<Respon
     let k = p.components.unwrap_or(specs.layout.default_components);
     specs.layout.check_components(k)?;
     let layout_size = resolve_layout_size(&specs, p.layout_size)?;
-    let key = guide_key(&state.model_identity, layout_size, &image);
-
-    let cached = match state.cache_get(&key) {
-        Some(c) => c,
-        None => {
-            let lspec = specs.layout.clone();
-            let max_pixels = lspec.settings.max_image_pixels;
-            let guide = blocking(move || {
-                let img = guide::decode(&image, max_pixels)?.to_rgb8();
-                lspec.prepare(&img, Some(layout_size))
-            })
-            .await?;
+    let (key, guide) = resolve_guide(&state, &specs, image, layout_size).await?;
+    let cached = match guide {
+        GuideLayout::Cached(c) => c,
+        GuideLayout::Prepared(guide) => {
             let source_size = guide.source_size;
             let (out, _) = enqueue(&state, Work::Layout(guide)).await?;
             let Output::Layout { layout, .. } = out else {
@@ -167,7 +160,7 @@ pub async fn layout(State(state): AppStateRef, req: Request) -> ApiResult<Respon
 )]
 pub async fn synthesize(State(state): AppStateRef, req: Request) -> ApiResult<Response> {
     let start = Instant::now();
-    let specs = state.specs()?.clone();
+    let specs = state.specs()?;
     let accept = ImageAccept::parse(req.headers())?;
     let body = read_body(
         &state,
@@ -275,33 +268,21 @@ pub async fn synthesize(State(state): AppStateRef, req: Request) -> ApiResult<Re
             (None, image, _) => {
                 let bytes = body.image_bytes(image.as_deref())?;
                 let layout_size = resolve_layout_size(&specs, p.layout_size)?;
-                let key = guide_key(&state.model_identity, layout_size, &bytes);
-                match state.cache_get(&key) {
-                    Some(c) => (
-                        LayoutInput::Ready(c.layout.clone()),
-                        c.source_size,
-                        layout_size,
-                        key,
-                        specs.layout.default_components,
-                    ),
-                    None => {
-                        let lspec = specs.layout.clone();
-                        let max_pixels = lspec.settings.max_image_pixels;
-                        let guide: PreparedGuide = blocking(move || {
-                            let img = guide::decode(&bytes, max_pixels)?.to_rgb8();
-                            lspec.prepare(&img, Some(layout_size))
-                        })
-                        .await?;
-                        let size = guide.source_size;
-                        (
-                            LayoutInput::Guide(guide),
-                            size,
-                            layout_size,
-                            key,
-                            specs.layout.default_components,
-                        )
+                let (key, guide) = resolve_guide(&state, &specs, bytes, layout_size).await?;
+                let (input, size) = match guide {
+                    GuideLayout::Cached(c) => (LayoutInput::Ready(c.layout), c.source_size),
+                    GuideLayout::Prepared(g) => {
+                        let size = g.source_size;
+                        (LayoutInput::Guide(g), size)
                     }
-                }
+                };
+                (
+                    input,
+                    size,
+                    layout_size,
+                    key,
+                    specs.layout.default_components,
+                )
             }
         };
     let components = p.components.unwrap_or(default_k);
@@ -499,6 +480,36 @@ fn status(state: &AppState) -> Status {
         dtype: specs.map(|s| s.dtype.clone()).unwrap_or_default(),
         version: env!("CARGO_PKG_VERSION").into(),
     }
+}
+
+// ------------------------------------------------------------- the guide
+
+/// A guide's layout: already in the cache, or a guide ready for the encoder.
+enum GuideLayout {
+    Cached(CachedLayout),
+    Prepared(PreparedGuide),
+}
+
+/// The cache key of a guide and its layout from the cache, else the guide
+/// decoded (size checked from the header first) and prepared on the blocking pool.
+async fn resolve_guide(
+    state: &AppState,
+    specs: &Arc<ModelSpecs>,
+    image: Bytes,
+    layout_size: u32,
+) -> ApiResult<(String, GuideLayout)> {
+    let key = guide_key(&state.model_identity, layout_size, &image);
+    if let Some(c) = state.cache_get(&key) {
+        return Ok((key, GuideLayout::Cached(c)));
+    }
+    let specs = specs.clone();
+    let guide = blocking(move || {
+        let layout = &specs.layout;
+        let img = guide::decode(&image, layout.settings.max_image_pixels)?.to_rgb8();
+        layout.prepare(&img, Some(layout_size))
+    })
+    .await?;
+    Ok((key, GuideLayout::Prepared(guide)))
 }
 
 // ------------------------------------------------------------- the queue
@@ -729,10 +740,7 @@ fn b64(bytes: &[u8]) -> String {
 
 // ---------------------------------------------------------- parameters
 
-fn resolve_layout_size(
-    specs: &crate::server::engine::ModelSpecs,
-    v: Option<u32>,
-) -> ApiResult<u32> {
+fn resolve_layout_size(specs: &ModelSpecs, v: Option<u32>) -> ApiResult<u32> {
     let s = v.unwrap_or(specs.layout.settings.layout_size);
     let patch = specs.layout.patch_size as u32;
     if s < patch || s > guide::MAX_LAYOUT_SIZE {

@@ -141,7 +141,7 @@ pub struct CachedLayout {
 
 /// Shared by all handlers.
 pub struct AppState {
-    pub specs: OnceLock<ModelSpecs>,
+    pub specs: OnceLock<Arc<ModelSpecs>>,
     pub queue: Arc<Queue>,
     pub cache: Mutex<lru::LruCache<String, CachedLayout>>,
     pub body_limit: usize,
@@ -153,11 +153,11 @@ pub struct AppState {
 
 impl AppState {
     /// The loaded models' specs, or 503 while loading / shutting down.
-    pub fn specs(&self) -> std::result::Result<&ModelSpecs, ApiError> {
+    pub fn specs(&self) -> std::result::Result<Arc<ModelSpecs>, ApiError> {
         if self.shutting_down.load(Ordering::SeqCst) {
             return Err(ApiError::ShuttingDown);
         }
-        self.specs.get().ok_or(ApiError::NotReady)
+        self.specs.get().cloned().ok_or(ApiError::NotReady)
     }
 
     pub fn cache_get(&self, key: &str) -> Option<CachedLayout> {
@@ -329,7 +329,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         tokio::spawn(async move {
             match ready.await {
                 Ok(Ok(specs)) => {
-                    let _ = state.specs.set(specs);
+                    let _ = state.specs.set(Arc::new(specs));
                     tracing::info!("ready");
                 }
                 Ok(Err(e)) => {
