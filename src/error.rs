@@ -1,16 +1,30 @@
 //! The crate's one error type. Every failure a user can cause (bad model
-//! folder, bad image, bad parameter) has its own variant with a message that
-//! names the file or field at fault; the HTTP layer maps variants to status
-//! codes in exactly one place.
+//! folder, bad image, bad request, bad parameter) has its own variant with a
+//! message that names the file or field at fault; the HTTP layer maps
+//! variants to status codes in exactly one place (`server::error`).
+//!
+//! The error is `Clone` (its foreign sources are shared behind `Arc`), so
+//! when one batch fails, every job that waited on it learns the real cause.
+//!
+//! Two variants describe a request the caller got wrong, by one rule:
+//! - [`Error::InvalidRequest`]: the body does not read as the request at all
+//!   (not JSON or multipart, not an object, a field of the wrong type, an
+//!   unknown or repeated field);
+//! - [`Error::InvalidParameter`]: it reads, but a value is not allowed (out
+//!   of range, not one of the choices, missing, or in conflict with another
+//!   field).
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 /// Result alias used throughout lumen.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum Error {
-    /// A model-folder file is missing, unreadable or inconsistent.
+    /// A model-folder file is missing, unreadable or inconsistent. `file` is
+    /// the file's full name as [`crate::model_folder::ModelSource::path`]
+    /// gives it (`DIR/unet/config.json`, `embedded:models/tiny/pca.safetensors`).
     #[error("model file `{file}`: {message}")]
     ModelFile { file: String, message: String },
 
@@ -27,7 +41,11 @@ pub enum Error {
         limit: u64,
     },
 
-    /// A request or command-line parameter is out of range.
+    /// The request does not have the request's shape (see the module docs).
+    #[error("invalid request field `{field}`: {message}")]
+    InvalidRequest { field: String, message: String },
+
+    /// A request or command-line value is not allowed (see the module docs).
     #[error("invalid parameter `{name}`: {message}")]
     InvalidParameter { name: String, message: String },
 
@@ -36,12 +54,20 @@ pub enum Error {
     Io {
         path: PathBuf,
         #[source]
-        source: std::io::Error,
+        source: Arc<std::io::Error>,
     },
 
     /// A failure inside the tensor library that no input should cause.
     #[error("tensor computation failed: {0}")]
-    Tensor(#[from] candle_core::Error),
+    Tensor(#[source] Arc<candle_core::Error>),
+
+    /// Every place in the queue is taken.
+    #[error("the queue is full ({capacity} requests waiting or running)")]
+    Overloaded { capacity: usize },
+
+    /// The service is stopping and takes no new work.
+    #[error("the server is shutting down")]
+    ShuttingDown,
 
     /// The work was abandoned because nobody waits for its result any more.
     #[error("cancelled: every client of this work has gone")]
@@ -50,6 +76,12 @@ pub enum Error {
     /// Anything else that is lumen's own fault.
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+impl From<candle_core::Error> for Error {
+    fn from(e: candle_core::Error) -> Self {
+        Error::Tensor(Arc::new(e))
+    }
 }
 
 impl Error {
@@ -67,10 +99,42 @@ impl Error {
         }
     }
 
+    pub fn request(field: impl Into<String>, message: impl std::fmt::Display) -> Self {
+        Error::InvalidRequest {
+            field: field.into(),
+            message: message.to_string(),
+        }
+    }
+
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            source: Arc::new(source),
         }
+    }
+
+    /// The request field or parameter this error is about, if any.
+    pub fn field(&self) -> Option<&str> {
+        match self {
+            Error::InvalidRequest { field, .. } => Some(field),
+            Error::InvalidParameter { name, .. } => Some(name),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clones_keep_the_cause() {
+        let e = Error::io("/x/y.png", std::io::Error::other("disk on fire"));
+        let c = e.clone();
+        assert_eq!(e.to_string(), c.to_string());
+        assert!(c.to_string().contains("disk on fire"));
+        let t: Error = candle_core::Error::Msg("shape mismatch".into()).into();
+        assert!(t.clone().to_string().contains("shape mismatch"));
+        assert_eq!(Error::param("steps", "x").field(), Some("steps"));
     }
 }

@@ -14,8 +14,6 @@ use crate::error::{Error, Result};
 /// ImageNet statistics DINOv2 was trained with.
 pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
-/// Largest layout resolution a request may ask for.
-pub const MAX_LAYOUT_SIZE: u32 = 2048;
 
 /// Decode a PNG, JPEG or WebP guide image from memory, refusing images whose
 /// header announces zero or more than `max_pixels` pixels.
@@ -104,7 +102,12 @@ fn jpeg_is_complete(b: &[u8]) -> bool {
 /// Read and decode a guide image file.
 pub fn open(path: &Path, max_pixels: u64) -> Result<DynamicImage> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    decode(&bytes, max_pixels).map_err(|e| match e {
+    decode_named(&bytes, max_pixels, path)
+}
+
+/// [`decode`] the bytes of the file at `path`; errors name the file.
+pub fn decode_named(bytes: &[u8], max_pixels: u64, path: &Path) -> Result<DynamicImage> {
+    decode(bytes, max_pixels).map_err(|e| match e {
         Error::InvalidImage(m) => Error::InvalidImage(format!("{}: {m}", path.display())),
         other => other,
     })
@@ -123,12 +126,6 @@ pub fn layout_input_size(
         return Err(Error::param(
             "layout_size",
             format!("{layout_size} is below one patch ({patch} pixels)"),
-        ));
-    }
-    if layout_size > MAX_LAYOUT_SIZE {
-        return Err(Error::param(
-            "layout_size",
-            format!("{layout_size} is over the maximum of {MAX_LAYOUT_SIZE}"),
         ));
     }
     let round_short = |short: u32, long: u32| -> u32 {

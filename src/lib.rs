@@ -1,21 +1,26 @@
 //! lumen: label-free neural semantic image synthesis (LUMEN, ECCV 2024) as an
 //! inference service.
 //!
+//! Imports point one way: `server` → `pipeline` → `models` → `model_folder`.
+//!
+//! - [`model_folder`]: a model set's files (disk or embedded), diffusers
+//!   configs, safetensors checkpoints.
 //! - [`models`]: pure model code (DINOv2, PCA, CLIP text, UNet, ControlNet,
-//!   VAE, schedulers).
-//! - [`pipeline`]: orchestration (guide image → neural layout, PCA fitting,
-//!   layout-conditioned synthesis).
+//!   VAE, schedulers): tensors in, tensors out.
+//! - [`config`]: lumen's own settings (`lumen.json`, device, dtype).
 //! - [`guide`]: guide-image decoding, resizing, normalization, previews.
-//! - [`config`]: model folders and lumen's own settings.
+//! - [`pipeline`]: the request model, guide image → neural layout, PCA
+//!   fitting, layout-conditioned synthesis, encoded outputs.
 //! - [`fetch`]: `lumen fetch`, a model folder from Hugging Face Hub repositories.
 //! - [`server`]: `lumen serve`, the HTTP service (queue, batching, inference thread).
 
 pub mod bench;
+pub mod cli;
 pub mod config;
-pub mod embedded;
 pub mod error;
 pub mod fetch;
 pub mod guide;
+pub mod model_folder;
 pub mod models;
 pub mod pipeline;
 pub mod png_text;

@@ -306,7 +306,8 @@ fn broken_model_folders_name_the_file_and_the_fault() {
         cfg.replace("\"hidden_size\": 32", "\"hidden_size\": 64"),
     )
     .unwrap();
-    check(m.path(), &["model.safetensors", "shape mismatch"]);
+    // The configs disagree before any weight is read.
+    check(m.path(), &["encoder/config.json", "hidden_size is 64"]);
 
     let m = tiny_copy();
     let w = m.path().join("encoder/model.safetensors");

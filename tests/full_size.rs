@@ -13,7 +13,7 @@
 use std::path::PathBuf;
 
 use candle_core::Device;
-use lumen::config::ModelSource;
+use lumen::model_folder::ModelSource;
 use lumen::models::schedulers::SchedulerKind;
 use lumen::pipeline::layout::LayoutModel;
 use lumen::pipeline::synthesis::{SynthesisItem, SynthesisModel, SynthesisSettings};

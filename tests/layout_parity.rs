@@ -6,8 +6,9 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::{assert_close, cases, reference, root};
-use lumen::config::{LumenSettings, ModelSource};
+use lumen::config::LumenSettings;
 use lumen::guide;
+use lumen::model_folder::ModelSource;
 use lumen::models::pca::Pca;
 use lumen::pipeline::fit_pca::{fit_pca, list_images};
 use lumen::pipeline::layout::{LayoutModel, PreparedGuide};
@@ -113,7 +114,7 @@ fn embedded_model_is_models_tiny() {
             continue;
         }
         assert!(
-            lumen::embedded::file(rel).is_some(),
+            lumen::model_folder::embedded::file(rel).is_some(),
             "models/tiny/{rel} is not embedded"
         );
     }

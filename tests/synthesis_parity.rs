@@ -10,7 +10,7 @@ use std::collections::HashMap;
 
 use candle_core::{Device, Tensor};
 use common::{assert_close, root};
-use lumen::config::ModelSource;
+use lumen::model_folder::ModelSource;
 use lumen::models::schedulers::SchedulerKind;
 use lumen::pipeline::layout::Layout;
 use lumen::pipeline::synthesis::{SynthesisItem, SynthesisModel, SynthesisSettings};

@@ -280,3 +280,67 @@ fn bad_requests_are_refused_clearly() {
         &["conditioning_channels", "12"],
     );
 }
+
+#[test]
+fn dtype_and_output_format_follow_the_request_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let g = guide();
+    let run = |dtype: &str, out: &Path| {
+        ok(&[
+            "synthesize",
+            "--image",
+            &g,
+            "--steps",
+            "3",
+            "--width",
+            "48",
+            "--height",
+            "32",
+            "--seed",
+            "3",
+            "--quiet",
+            "--dtype",
+            dtype,
+            "--out",
+            s(out),
+        ]);
+        image::open(out).unwrap().to_rgb8()
+    };
+    let f32_img = run("f32", &tmp.path().join("a.png"));
+    let f16_img = run("f16", &tmp.path().join("b.png"));
+    let max = f32_img
+        .as_raw()
+        .iter()
+        .zip(f16_img.as_raw())
+        .map(|(a, b)| a.abs_diff(*b))
+        .max()
+        .unwrap();
+    assert!(max <= 16, "f16 vs f32: max {max}/255");
+    let meta = lumen::png_text::read(
+        &std::fs::read(tmp.path().join("a.png")).unwrap(),
+        "parameters",
+    )
+    .unwrap();
+    assert!(meta.contains("\"format\":\"png\""), "{meta}");
+
+    // .webp (lossless) is the same image; its format is in the record of a PNG only.
+    let webp = run("f32", &tmp.path().join("c.webp"));
+    assert_eq!(webp, f32_img);
+    assert!(std::fs::read(tmp.path().join("c.webp"))
+        .unwrap()
+        .starts_with(b"RIFF"));
+
+    let bad = |extra: &[&str], needles: &[&str]| {
+        let mut args = vec!["synthesize", "--image", g.as_str(), "--quiet"];
+        args.extend_from_slice(extra);
+        fails_with(&args, needles);
+    };
+    bad(&["--dtype", "fp8", "--out", "x.png"], &["`dtype`", "fp8"]);
+    bad(&["--out", "x.gif"], &["`out`", ".webp"]);
+    // Limits are the API's: at most 8 images, guidance within ±1000.
+    bad(&["--num-images", "9", "--out", "x.png"], &["`num_images`"]);
+    bad(
+        &["--guidance", "5000", "--out", "x.png"],
+        &["`guidance_scale`"],
+    );
+}

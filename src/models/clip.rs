@@ -24,10 +24,10 @@ use candle_nn::LayerNorm;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::config::ModelSource;
 use crate::error::{Error, Result};
+use crate::model_folder::ModelSource;
 use crate::models::attention;
-use crate::models::nn::{Activation, Linear};
+use crate::models::nn::{linear, Activation, Linear};
 
 const BOS: &str = "<|startoftext|>";
 const EOS: &str = "<|endoftext|>";
@@ -66,19 +66,22 @@ impl ClipTokenizer {
             let file = format!("{dir}/tokenizer.json");
             let bytes = src.read(&file)?;
             let t = tokenizers::Tokenizer::from_bytes(bytes.as_ref())
-                .map_err(|e| Error::model_file(&file, format!("bad tokenizer: {e}")))?;
-            (t, file)
+                .map_err(|e| Error::model_file(src.path(&file), format!("bad tokenizer: {e}")))?;
+            (t, src.path(&file))
         } else {
             let vocab_file = format!("{dir}/vocab.json");
             let merges_file = format!("{dir}/merges.txt");
             let vocab: HashMap<String, u32> = src.read_json(&vocab_file)?;
             let merges = src.read(&merges_file)?;
-            let merges = std::str::from_utf8(&merges)
-                .map_err(|e| Error::model_file(&merges_file, format!("not UTF-8: {e}")))?;
-            let spec = clip_tokenizer_json(&vocab, merges, &merges_file)?;
-            let t = tokenizers::Tokenizer::from_bytes(spec.to_string().as_bytes())
-                .map_err(|e| Error::model_file(&vocab_file, format!("bad tokenizer: {e}")))?;
-            (t, vocab_file)
+            let merges = std::str::from_utf8(&merges).map_err(|e| {
+                Error::model_file(src.path(&merges_file), format!("not UTF-8: {e}"))
+            })?;
+            let spec = clip_tokenizer_json(&vocab, merges, &src.path(&merges_file))?;
+            let t =
+                tokenizers::Tokenizer::from_bytes(spec.to_string().as_bytes()).map_err(|e| {
+                    Error::model_file(src.path(&vocab_file), format!("bad tokenizer: {e}"))
+                })?;
+            (t, src.path(&vocab_file))
         };
         let cfg_file = format!("{dir}/tokenizer_config.json");
         let cfg: TokenizerConfig = if src.has(&cfg_file) {
@@ -253,13 +256,14 @@ pub struct ClipTextModel {
 
 impl ClipTextModel {
     pub fn load(src: &ModelSource, device: &Device, dtype: DType) -> Result<Self> {
-        let file = "text_encoder/config.json";
-        let cfg: ClipTextConfig = src.read_json(file)?;
-        let act = Activation::parse(&cfg.hidden_act).map_err(|m| Error::model_file(file, m))?;
+        let cfg_file = "text_encoder/config.json";
+        let cfg: ClipTextConfig = src.read_json(cfg_file)?;
+        let file = src.path(cfg_file);
+        let act = Activation::parse(&cfg.hidden_act).map_err(|m| Error::model_file(&file, m))?;
         if cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads)
         {
             return Err(Error::model_file(
-                file,
+                &file,
                 format!(
                     "bad config: hidden_size {} is not divisible by num_attention_heads {}",
                     cfg.hidden_size, cfg.num_attention_heads
@@ -287,20 +291,14 @@ impl ClipTextModel {
                 Ok(ClipLayer {
                     ln1: l.pp("layer_norm1").layer_norm(d, cfg.layer_norm_eps)?,
                     qkv: Linear::stack(&[
-                        at.pp("q_proj").linear(d, d, true)?,
-                        at.pp("k_proj").linear(d, d, true)?,
-                        at.pp("v_proj").linear(d, d, true)?,
+                        linear(&at.pp("q_proj"), d, d, true)?,
+                        linear(&at.pp("k_proj"), d, d, true)?,
+                        linear(&at.pp("v_proj"), d, d, true)?,
                     ])?,
-                    out: at.pp("out_proj").linear(d, d, true)?,
+                    out: linear(&at.pp("out_proj"), d, d, true)?,
                     ln2: l.pp("layer_norm2").layer_norm(d, cfg.layer_norm_eps)?,
-                    fc1: l
-                        .pp("mlp")
-                        .pp("fc1")
-                        .linear(d, cfg.intermediate_size, true)?,
-                    fc2: l
-                        .pp("mlp")
-                        .pp("fc2")
-                        .linear(cfg.intermediate_size, d, true)?,
+                    fc1: linear(&l.pp("mlp").pp("fc1"), d, cfg.intermediate_size, true)?,
+                    fc2: linear(&l.pp("mlp").pp("fc2"), cfg.intermediate_size, d, true)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;

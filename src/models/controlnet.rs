@@ -17,12 +17,12 @@
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{conv2d, Conv2d, Conv2dConfig};
-use serde_json::{json, Value};
+use serde_json::json;
 
-use crate::config::ModelSource;
 use crate::error::{Error, Result};
-use crate::models::unet::{ConfigReader, UNetLayout};
+use crate::model_folder::ModelSource;
 use crate::models::unet_blocks::DownPath;
+use crate::models::unet_layout::UNetLayout;
 
 /// Stack of convolutions turning the conditioning input into the first block's features.
 struct CondEmbedding {
@@ -55,21 +55,15 @@ pub struct ControlNet {
 
 impl ControlNet {
     pub fn load(src: &ModelSource, device: &Device, dtype: DType) -> Result<Self> {
-        let file = "controlnet/config.json";
-        let value: Value = src.read_json(file)?;
-        let r = ConfigReader {
-            value: &value,
-            file,
-        };
+        let r = src.diffusers_config("controlnet/config.json")?;
         let layout = UNetLayout::from_config(&r)?;
         r.require("controlnet_conditioning_channel_order", &[json!("rgb")])?;
-        r.require("global_pool_conditions", &[json!(false)])?;
-        r.require("upcast_attention", &[json!(false), json!(true)])?;
+        r.reject_true("global_pool_conditions")?;
+        // Both values are implemented (attention is computed in f32 anyway).
+        r.bool_or("upcast_attention", false)?;
         let conditioning_channels = r.usize_or("conditioning_channels", 3)?;
-        let emb_channels = match r.value.get("conditioning_embedding_out_channels") {
-            None | Some(Value::Null) => vec![16, 32, 96, 256],
-            Some(_) => r.usizes("conditioning_embedding_out_channels")?,
-        };
+        let emb_channels =
+            r.usizes_or("conditioning_embedding_out_channels", &[16, 32, 96, 256])?;
         if emb_channels.is_empty() {
             return Err(r.err("`conditioning_embedding_out_channels` is empty"));
         }

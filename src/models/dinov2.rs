@@ -24,11 +24,11 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::LayerNorm;
 use serde::Deserialize;
 
-use crate::config::{ModelSource, Weights};
 use crate::error::{Error, Result};
+use crate::model_folder::{ModelSource, Weights};
 use crate::models::attention;
 use crate::models::interpolate::{resize_bicubic, Bicubic};
-use crate::models::nn::{Activation, Linear};
+use crate::models::nn::{linear, Activation, Linear};
 
 /// `encoder/config.json`, as transformers' `Dinov2Config` /
 /// `Dinov2WithRegistersConfig` writes it. Defaults are transformers'.
@@ -125,6 +125,15 @@ impl Dinov2Config {
         }
     }
 
+    pub const FILE: &'static str = "encoder/config.json";
+
+    /// Read and check `encoder/config.json` of a model folder.
+    pub fn read(src: &ModelSource) -> Result<Self> {
+        let cfg: Dinov2Config = src.read_json(Self::FILE)?;
+        cfg.validate(&src.path(Self::FILE))?;
+        Ok(cfg)
+    }
+
     fn validate(&self, file: &str) -> Result<()> {
         let bad = |m: String| Err(Error::model_file(file, format!("bad config: {m}")));
         if !matches!(self.model_type.as_str(), "dinov2" | "dinov2_with_registers") {
@@ -185,15 +194,15 @@ impl Mlp {
             // Checkpoints store gate and up stacked in `weights_in` [2h, d].
             let (gate_up, down) = if w.contains("weights_in.weight") {
                 (
-                    w.pp("weights_in").linear(d, 2 * h, true)?,
-                    w.pp("weights_out").linear(h, d, true)?,
+                    linear(&w.pp("weights_in"), d, 2 * h, true)?,
+                    linear(&w.pp("weights_out"), h, d, true)?,
                 )
             } else {
-                let gate = w.pp("gate_proj").linear(d, h, true)?;
-                let up = w.pp("up_proj").linear(d, h, true)?;
+                let gate = linear(&w.pp("gate_proj"), d, h, true)?;
+                let up = linear(&w.pp("up_proj"), d, h, true)?;
                 (
                     Linear::stack(&[gate, up])?,
-                    w.pp("down_proj").linear(h, d, true)?,
+                    linear(&w.pp("down_proj"), h, d, true)?,
                 )
             };
             Ok(Mlp::SwiGlu {
@@ -203,8 +212,8 @@ impl Mlp {
             })
         } else {
             Ok(Mlp::Plain {
-                fc1: w.pp("fc1").linear(d, h, true)?,
-                fc2: w.pp("fc2").linear(h, d, true)?,
+                fc1: linear(&w.pp("fc1"), d, h, true)?,
+                fc2: linear(&w.pp("fc2"), h, d, true)?,
                 act: Activation::parse(&cfg.hidden_act).map_err(Error::Internal)?,
             })
         }
@@ -247,17 +256,17 @@ impl Layer {
         let (q, k, v, out) = if att.contains("attention.query.weight") {
             let sa = att.pp("attention");
             (
-                sa.pp("query").linear(d, d, cfg.qkv_bias)?,
-                sa.pp("key").linear(d, d, cfg.qkv_bias)?,
-                sa.pp("value").linear(d, d, cfg.qkv_bias)?,
-                att.pp("output").pp("dense").linear(d, d, true)?,
+                linear(&sa.pp("query"), d, d, cfg.qkv_bias)?,
+                linear(&sa.pp("key"), d, d, cfg.qkv_bias)?,
+                linear(&sa.pp("value"), d, d, cfg.qkv_bias)?,
+                linear(&att.pp("output").pp("dense"), d, d, true)?,
             )
         } else {
             (
-                att.pp("q_proj").linear(d, d, cfg.qkv_bias)?,
-                att.pp("k_proj").linear(d, d, cfg.qkv_bias)?,
-                att.pp("v_proj").linear(d, d, cfg.qkv_bias)?,
-                att.pp("o_proj").linear(d, d, true)?,
+                linear(&att.pp("q_proj"), d, d, cfg.qkv_bias)?,
+                linear(&att.pp("k_proj"), d, d, cfg.qkv_bias)?,
+                linear(&att.pp("v_proj"), d, d, cfg.qkv_bias)?,
+                linear(&att.pp("o_proj"), d, d, true)?,
             )
         };
         Ok(Layer {
@@ -310,9 +319,7 @@ pub struct Dinov2 {
 impl Dinov2 {
     /// Load `encoder/config.json` + `encoder/model.safetensors` from a model folder.
     pub fn load(src: &ModelSource, device: &Device, dtype: DType) -> Result<Self> {
-        let cfg_file = "encoder/config.json";
-        let cfg: Dinov2Config = src.read_json(cfg_file)?;
-        cfg.validate(cfg_file)?;
+        let cfg = Dinov2Config::read(src)?;
         let w = src.weights("encoder", "model", dtype, device)?;
         Self::from_weights(cfg, &w)
     }

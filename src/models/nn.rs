@@ -93,3 +93,15 @@ impl Activation {
         }
     }
 }
+
+/// `nn.Linear(in_dim, out_dim, bias)` from a checkpoint (`weight` [out, in],
+/// optional `bias` [out]).
+pub fn linear(
+    w: &crate::model_folder::Weights,
+    in_dim: usize,
+    out_dim: usize,
+    bias: bool,
+) -> crate::Result<Linear> {
+    let (weight, bias) = w.linear_parts(in_dim, out_dim, bias)?;
+    Ok(Linear::new(weight, bias)?)
+}

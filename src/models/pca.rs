@@ -13,8 +13,8 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::config::ModelSource;
 use crate::error::{Error, Result};
+use crate::model_folder::ModelSource;
 
 pub const PCA_FILE: &str = "pca.safetensors";
 
@@ -88,7 +88,7 @@ impl Pca {
     /// Load `pca.safetensors` from a model folder onto `device`.
     pub fn load(src: &ModelSource, device: &Device) -> Result<Self> {
         let mut t = src.load_tensors(PCA_FILE, device)?;
-        let file = format!("{}/{PCA_FILE}", src.identity());
+        let file = src.path(PCA_FILE);
         let mut take = |name: &str| {
             t.remove(name)
                 .ok_or_else(|| Error::model_file(&file, format!("missing tensor `{name}`")))

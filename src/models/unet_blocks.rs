@@ -14,7 +14,7 @@ use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbeddin
 use candle_transformers::models::stable_diffusion::resnet::{ResnetBlock2D, ResnetBlock2DConfig};
 
 use crate::models::transformer2d::Transformer2D;
-use crate::models::unet::{BlockLayout, UNetLayout};
+use crate::models::unet_layout::{BlockLayout, UNetLayout};
 
 type CResult<T> = candle_core::Result<T>;
 

@@ -8,11 +8,12 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
 
-use crate::config::{LumenSettings, ModelSource};
 use crate::error::{Error, Result};
 use crate::guide;
+use crate::model_folder::ModelSource;
 use crate::models::dinov2::Dinov2;
 use crate::models::pca::Pca;
+use crate::pipeline::spec::LayoutSpec;
 
 /// Largest number of images one encoder call processes.
 pub const MAX_ENCODER_BATCH: usize = 8;
@@ -21,8 +22,7 @@ pub const MAX_ENCODER_BATCH: usize = 8;
 pub struct LayoutModel {
     pub encoder: Dinov2,
     pub pca: Pca,
-    pub settings: LumenSettings,
-    identity: String,
+    spec: LayoutSpec,
 }
 
 /// A guide image ready for the encoder.
@@ -45,62 +45,23 @@ pub struct Layout {
 }
 
 impl LayoutModel {
-    /// Load encoder, PCA basis and settings from a model folder.
+    /// Load encoder and PCA basis of a model folder onto `device` (in f32).
     pub fn load(src: &ModelSource, device: &Device) -> Result<Self> {
-        let settings = LumenSettings::load(src)?;
+        let spec = LayoutSpec::read(src)?;
         let encoder = Dinov2::load(src, device, DType::F32)?;
         let pca = Pca::load(src, device)?;
-        if pca.dim() != encoder.hidden_size() {
-            return Err(Error::model_file(
-                format!("{}/pca.safetensors", src.identity()),
-                format!(
-                    "basis has width {} but the encoder's hidden_size is {}",
-                    pca.dim(),
-                    encoder.hidden_size()
-                ),
-            ));
-        }
-        if settings.default_components == Some(0) {
-            return Err(Error::model_file(
-                format!("{}/lumen.json", src.identity()),
-                "default_components must be at least 1",
-            ));
-        }
-        Ok(Self {
-            encoder,
-            pca,
-            settings,
-            identity: src.identity(),
-        })
+        Ok(Self { encoder, pca, spec })
     }
 
-    pub fn identity(&self) -> &str {
-        &self.identity
-    }
-
-    /// K used when a request names none: `lumen.json`'s `default_components`
-    /// (at most Kmax), else Kmax.
-    pub fn default_components(&self) -> usize {
-        let kmax = self.pca.max_components();
-        self.settings
-            .default_components
-            .map_or(kmax, |k| k.min(kmax))
+    /// What request handling needs to know about this model, as plain data.
+    pub fn spec(&self) -> &LayoutSpec {
+        &self.spec
     }
 
     /// Resize and normalize a decoded guide (host only; safe to run off the
     /// inference thread).
     pub fn prepare(&self, img: &RgbImage, layout_size: Option<u32>) -> Result<PreparedGuide> {
-        self.spec().prepare(img, layout_size)
-    }
-
-    /// What request handling needs to know about this model, as plain data.
-    pub fn spec(&self) -> LayoutSpec {
-        LayoutSpec {
-            patch_size: self.encoder.patch_size(),
-            max_components: self.pca.max_components(),
-            default_components: self.default_components(),
-            settings: self.settings.clone(),
-        }
+        self.spec.prepare(img, layout_size)
     }
 
     /// Patch tokens `[rows·cols, D]` for each guide (see [`encode_guides`]).
@@ -138,40 +99,16 @@ impl LayoutModel {
     }
 }
 
-/// The layout model's shape and limits as plain data: enough to validate a
-/// request and prepare its guide without touching the weights.
-#[derive(Clone, Debug)]
-pub struct LayoutSpec {
-    pub patch_size: usize,
-    /// Kmax of the PCA basis.
-    pub max_components: usize,
-    /// K used when a request names none.
-    pub default_components: usize,
-    pub settings: LumenSettings,
-}
-
-impl LayoutSpec {
-    /// Resize and normalize a decoded guide at `layout_size` (default from lumen.json).
-    pub fn prepare(&self, img: &RgbImage, layout_size: Option<u32>) -> Result<PreparedGuide> {
-        prepare_pixels(
-            self.patch_size,
-            img,
-            layout_size.unwrap_or(self.settings.layout_size),
-        )
-    }
-
-    /// `k` must be within 1..=Kmax.
-    pub fn check_components(&self, k: usize) -> Result<()> {
-        crate::models::pca::check_components(k, self.max_components)
-    }
-}
-
 /// Resize and normalize a decoded guide for `encoder` at `layout_size`.
 pub fn prepare_guide(encoder: &Dinov2, img: &RgbImage, layout_size: u32) -> Result<PreparedGuide> {
     prepare_pixels(encoder.patch_size(), img, layout_size)
 }
 
-fn prepare_pixels(patch: usize, img: &RgbImage, layout_size: u32) -> Result<PreparedGuide> {
+pub(crate) fn prepare_pixels(
+    patch: usize,
+    img: &RgbImage,
+    layout_size: u32,
+) -> Result<PreparedGuide> {
     let resized = guide::resize_for_layout(img, layout_size, patch as u32)?;
     let pixels = guide::normalize(&resized)?;
     let grid = (

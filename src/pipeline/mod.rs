@@ -1,5 +1,11 @@
-//! Orchestration over the pure model code: batching, K selection, PCA fitting.
+//! Orchestration over the pure model code: the request model, guide image →
+//! neural layout, PCA fitting, layout-conditioned synthesis, encoded outputs.
+//! No HTTP here.
 
 pub mod fit_pca;
 pub mod layout;
+pub mod layout_id;
+pub mod output;
+pub mod request;
+pub mod spec;
 pub mod synthesis;

@@ -1,6 +1,7 @@
 //! Layout-conditioned synthesis: text embeddings, seeded initial latents, the
 //! ControlNet + UNet denoising loop with classifier-free guidance, VAE decode.
-//! Orchestration only: the models are in `crate::models`.
+//! Orchestration only: the models are in `crate::models`; what a request may
+//! ask for is decided in [`crate::pipeline::request`].
 //!
 //! One call runs a batch of items that share size, steps, scheduler and
 //! whether guidance is on; each item has its own layout, prompts, guidance,
@@ -14,22 +15,15 @@ use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 use serde::Serialize;
 
-use crate::config::ModelSource;
 use crate::error::{Error, Result};
+use crate::model_folder::ModelSource;
 use crate::models::clip::TextConditioner;
 use crate::models::controlnet::ControlNet;
-use crate::models::pca::Pca;
-use crate::models::schedulers::{self, SchedulerKind};
+use crate::models::schedulers::SchedulerKind;
 use crate::models::unet::UNet;
-use crate::models::vae::Vae;
+use crate::models::vae::{Vae, VaeConfig};
 use crate::pipeline::layout::Layout;
-
-/// Most denoising steps a request may ask for.
-pub const MAX_STEPS: usize = 1000;
-/// Longer side of the default output size.
-pub const DEFAULT_LONG_SIDE: u32 = 512;
-/// Largest output side.
-pub const MAX_SIDE: u32 = 2048;
+use crate::pipeline::spec::SynthesisSpec;
 
 /// The diffusion half of a model folder, resident on one device. The layout
 /// half ([`crate::pipeline::layout::LayoutModel`]) is loaded separately, so
@@ -45,7 +39,7 @@ pub struct SynthesisModel {
 }
 
 /// Per-request settings shared by a batch.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct SynthesisSettings {
     pub width: u32,
     pub height: u32,
@@ -67,111 +61,6 @@ pub struct SynthesisItem {
     pub latents: Option<Tensor>,
 }
 
-/// The diffusion half's sizes and limits as plain data.
-#[derive(Clone, Debug)]
-pub struct SynthesisSpec {
-    /// Output sides are multiples of this (VAE factor × UNet downsampling).
-    pub size_multiple: u32,
-    pub vae_factor: usize,
-    pub latent_channels: usize,
-    /// Kmax (= the ControlNet's conditioning channels).
-    pub max_components: usize,
-    pub scheduler_config: serde_json::Value,
-}
-
-impl SynthesisSpec {
-    /// The default output size for a guide of `width × height`: its aspect
-    /// with the longer side 512, both sides rounded to `size_multiple`.
-    pub fn default_size(&self, width: u32, height: u32) -> (u32, u32) {
-        let m = self.size_multiple;
-        let long = DEFAULT_LONG_SIDE.div_ceil(m) * m;
-        let short = |s: u32, l: u32| {
-            (((s as f64 * long as f64 / l as f64) / m as f64).round() as u32).max(1) * m
-        };
-        if width >= height {
-            (long, short(height, width))
-        } else {
-            (short(width, height), long)
-        }
-    }
-
-    /// The scheduler default: the folder's own class when lumen has it (SD1.5
-    /// ships PNDM, which it has not), else DPM++ 2M.
-    pub fn default_scheduler(&self) -> SchedulerKind {
-        self.scheduler_config
-            .get("_class_name")
-            .and_then(|c| c.as_str())
-            .and_then(SchedulerKind::from_class_name)
-            .unwrap_or(SchedulerKind::DpmSolverMultistep)
-    }
-
-    /// Check shared settings before any work is queued.
-    pub fn check_settings(&self, s: &SynthesisSettings) -> Result<()> {
-        let m = self.size_multiple;
-        for (name, v) in [("width", s.width), ("height", s.height)] {
-            if v == 0 || v % m != 0 || v > MAX_SIDE {
-                return Err(Error::param(
-                    name,
-                    format!("{v} must be a positive multiple of {m} (VAE factor × UNet downsampling), at most {MAX_SIDE}"),
-                ));
-            }
-        }
-        if s.steps == 0 || s.steps > MAX_STEPS {
-            return Err(Error::param(
-                "steps",
-                format!("{} is out of range 1..={MAX_STEPS}", s.steps),
-            ));
-        }
-        // Builds the scheduler once to surface config errors early.
-        schedulers::build(
-            s.scheduler,
-            &self.scheduler_config,
-            s.steps,
-            "scheduler/scheduler_config.json",
-        )?;
-        Ok(())
-    }
-
-    /// Check one item against the model.
-    pub fn check_item(&self, item: &SynthesisItem, s: &SynthesisSettings) -> Result<()> {
-        for (name, v) in [
-            ("guidance_scale", item.guidance),
-            ("control_scale", item.control_scale),
-        ] {
-            if !v.is_finite() {
-                return Err(Error::param(name, format!("{v} is not a finite number")));
-            }
-        }
-        crate::models::pca::check_components(item.layout.components, self.max_components)?;
-        if let Some(l) = &item.latents {
-            let want = self.latent_shape(s);
-            if l.dims() != want {
-                return Err(Error::param(
-                    "latents",
-                    format!(
-                        "shape {:?} does not match {want:?} for {}x{}",
-                        l.dims(),
-                        s.width,
-                        s.height
-                    ),
-                ));
-            }
-        }
-        Ok(())
-    }
-
-    /// `[1, C, h, w]` of one image's latents.
-    pub fn latent_shape(&self, s: &SynthesisSettings) -> [usize; 4] {
-        let f = self.vae_factor;
-        [
-            1,
-            self.latent_channels,
-            s.height as usize / f,
-            s.width as usize / f,
-        ]
-    }
-}
-
 impl SynthesisModel {
     /// Load every component of a model folder in f32 and check they fit together.
     pub fn load(src: &ModelSource, device: &Device) -> Result<Self> {
@@ -181,35 +70,16 @@ impl SynthesisModel {
     /// [`Self::load`] with the weights (and the computation) in `dtype`:
     /// f32, or f16 / bf16 on a GPU.
     pub fn load_as(src: &ModelSource, device: &Device, dtype: DType) -> Result<Self> {
-        let components: [(&str, &[&str]); 6] = [
-            ("unet", &["unet/config.json"]),
-            ("controlnet", &["controlnet/config.json"]),
-            ("vae", &["vae/config.json"]),
-            ("text_encoder", &["text_encoder/config.json"]),
-            (
-                "tokenizer",
-                &["tokenizer/tokenizer.json", "tokenizer/vocab.json"],
-            ),
-            ("scheduler", &["scheduler/scheduler_config.json"]),
-        ];
-        for (dir, files) in components {
-            if !files.iter().any(|f| src.has(f)) {
-                return Err(Error::model_file(
-                    format!("{}/{dir}", src.identity()),
-                    format!("the model folder has no `{dir}/` component (needed for synthesis)"),
-                ));
-            }
-        }
+        let spec = SynthesisSpec::read(src)?;
         let text = TextConditioner::load(src, device, dtype)?;
         let unet = UNet::load(src, device, dtype)?;
         let controlnet = ControlNet::load(src, device, dtype)?;
         let vae = Vae::load(src, device, dtype)?;
-        let scheduler_config: serde_json::Value =
-            src.read_json("scheduler/scheduler_config.json")?;
-        let kmax = Pca::load(src, &Device::Cpu)?.max_components();
+        let kmax = spec.max_components;
+        let controlnet_config = src.path("controlnet/config.json");
         if controlnet.conditioning_channels != kmax {
             return Err(Error::model_file(
-                "controlnet/config.json",
+                controlnet_config,
                 format!(
                     "conditioning_channels is {} but the PCA basis has {kmax} components; \
                      the ControlNet must be trained on this basis",
@@ -219,7 +89,7 @@ impl SynthesisModel {
         }
         if controlnet.conditioning_factor != vae.factor {
             return Err(Error::model_file(
-                "controlnet/config.json",
+                controlnet_config,
                 format!(
                     "the conditioning embedding downsamples by {} but the VAE by {}",
                     controlnet.conditioning_factor, vae.factor
@@ -233,7 +103,7 @@ impl SynthesisModel {
         ] {
             if dim != text_dim {
                 return Err(Error::model_file(
-                    format!("{name}/config.json"),
+                    src.path(&format!("{name}/config.json")),
                     format!("cross_attention_dim {dim} does not match the text encoder's hidden_size {text_dim}"),
                 ));
             }
@@ -242,20 +112,14 @@ impl SynthesisModel {
             || unet.out_channels != vae.latent_channels
         {
             return Err(Error::model_file(
-                "unet/config.json",
+                src.path("unet/config.json"),
                 format!(
-                    "in/out channels do not match the VAE's latent_channels {}",
-                    vae.latent_channels
+                    "in/out channels do not match the VAE's latent_channels {} ({})",
+                    vae.latent_channels,
+                    src.path(VaeConfig::FILE)
                 ),
             ));
         }
-        let spec = SynthesisSpec {
-            size_multiple: (vae.factor * unet.layout.downsample_factor()) as u32,
-            vae_factor: vae.factor,
-            latent_channels: vae.latent_channels,
-            max_components: kmax,
-            scheduler_config,
-        };
         Ok(Self {
             text,
             unet,
@@ -287,34 +151,52 @@ impl SynthesisModel {
         self.spec.size_multiple
     }
 
-    /// See [`SynthesisSpec::default_size`].
-    pub fn default_size(&self, width: u32, height: u32) -> (u32, u32) {
-        self.spec.default_size(width, height)
-    }
-
-    /// See [`SynthesisSpec::default_scheduler`].
-    pub fn default_scheduler(&self) -> SchedulerKind {
-        self.spec.default_scheduler()
-    }
-
-    /// Check shared settings before any work is queued.
-    pub fn check_settings(&self, s: &SynthesisSettings) -> Result<()> {
-        self.spec.check_settings(s)
-    }
-
-    /// Check one item against the model.
-    pub fn check_item(&self, item: &SynthesisItem, s: &SynthesisSettings) -> Result<()> {
-        self.spec.check_item(item, s)
-    }
-
-    /// `[1, C, h, w]` of one image's latents.
-    pub fn latent_shape(&self, s: &SynthesisSettings) -> [usize; 4] {
-        self.spec.latent_shape(s)
+    /// Check a batch before it runs: every item's K within Kmax, its
+    /// guidance and control scale finite, its latents (if any) of the right
+    /// shape; steps and scheduler are checked when the scheduler is built.
+    pub fn check_batch(&self, s: &SynthesisSettings, items: &[SynthesisItem]) -> Result<()> {
+        let m = self.spec.size_multiple;
+        for (name, v) in [("width", s.width), ("height", s.height)] {
+            if v == 0 || !v.is_multiple_of(m) {
+                return Err(Error::param(
+                    name,
+                    format!(
+                        "{v} must be a positive multiple of {m} (VAE factor × UNet downsampling)"
+                    ),
+                ));
+            }
+        }
+        for item in items {
+            for (name, v) in [
+                ("guidance_scale", item.guidance),
+                ("control_scale", item.control_scale),
+            ] {
+                if !v.is_finite() {
+                    return Err(Error::param(name, format!("{v} is not a finite number")));
+                }
+            }
+            crate::models::pca::check_components(item.layout.components, self.spec.max_components)?;
+            if let Some(l) = &item.latents {
+                let want = self.spec.latent_shape(s.width, s.height);
+                if l.dims() != want {
+                    return Err(Error::param(
+                        "latents",
+                        format!(
+                            "shape {:?} does not match {want:?} for {}x{}",
+                            l.dims(),
+                            s.width,
+                            s.height
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Unit-variance Gaussian latents from `seed` (ChaCha20, drawn on the host).
     pub fn seeded_latents(&self, s: &SynthesisSettings, seed: u64) -> Result<Tensor> {
-        let shape = self.latent_shape(s);
+        let shape = self.spec.latent_shape(s.width, s.height);
         let n: usize = shape.iter().product();
         let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(seed);
         let data: Vec<f32> = (0..n).map(|_| StandardNormal.sample(&mut rng)).collect();
@@ -383,10 +265,7 @@ impl SynthesisModel {
         if items.is_empty() {
             return Err(Error::param("num_images", "nothing to generate"));
         }
-        self.check_settings(s)?;
-        for it in items {
-            self.check_item(it, s)?;
-        }
+        self.check_batch(s, items)?;
         let b = items.len();
         let cfg = items[0].guidance > 1.0;
         if items.iter().any(|it| (it.guidance > 1.0) != cfg) {
@@ -394,12 +273,7 @@ impl SynthesisModel {
                 "a batch mixes guided and unguided items".into(),
             ));
         }
-        let mut scheduler = schedulers::build(
-            s.scheduler,
-            &self.spec.scheduler_config,
-            s.steps,
-            "scheduler/scheduler_config.json",
-        )?;
+        let mut scheduler = self.spec.scheduler(s.scheduler, s.steps)?;
 
         // Text: [uncond_1..B, cond_1..B] with guidance, [cond_1..B] without.
         let mut uncond = Vec::with_capacity(b);

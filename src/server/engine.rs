@@ -12,10 +12,11 @@ use candle_core::{DType, Device};
 use image::RgbImage;
 use tokio::sync::oneshot;
 
-use crate::config::ModelSource;
 use crate::error::{Error, Result};
-use crate::pipeline::layout::{Layout, LayoutModel, LayoutSpec, PreparedGuide};
-use crate::pipeline::synthesis::{SynthesisItem, SynthesisModel, SynthesisSettings, SynthesisSpec};
+use crate::model_folder::ModelSource;
+use crate::pipeline::layout::{Layout, LayoutModel, PreparedGuide};
+use crate::pipeline::spec::ModelSpecs;
+use crate::pipeline::synthesis::{SynthesisItem, SynthesisModel, SynthesisSettings};
 use crate::server::metrics;
 use crate::server::queue::{BatchKey, Job, JobTimings, LayoutInput, Output, Work};
 
@@ -26,16 +27,6 @@ pub struct EngineOptions {
     pub dtype: DType,
     /// Most images one model call runs (a larger request is split).
     pub max_batch: usize,
-}
-
-/// The loaded models' shapes and limits, for request validation.
-#[derive(Clone, Debug)]
-pub struct ModelSpecs {
-    pub layout: LayoutSpec,
-    pub synthesis: SynthesisSpec,
-    pub model: String,
-    pub device: String,
-    pub dtype: String,
 }
 
 type BatchMessage = (Vec<Job>, oneshot::Sender<()>);
@@ -112,16 +103,14 @@ impl Engine {
         let layout = LayoutModel::load(&opts.source, &opts.device)?;
         let synthesis = SynthesisModel::load_as(&opts.source, &opts.device, opts.dtype)?;
         let specs = ModelSpecs {
-            layout: layout.spec(),
-            synthesis: synthesis.spec().clone(),
             model: opts.source.identity(),
-            device: device_name(&opts.device),
-            dtype: format!("{:?}", opts.dtype).to_lowercase(),
+            layout: layout.spec().clone(),
+            synthesis: synthesis.spec().clone(),
         };
         tracing::info!(
             model = %specs.model,
-            device = %specs.device,
-            dtype = %specs.dtype,
+            device = %crate::config::device_name(&opts.device),
+            dtype = %crate::config::dtype_name(opts.dtype),
             seconds = t.elapsed().as_secs_f64(),
             "models loaded"
         );
@@ -148,6 +137,7 @@ impl Engine {
             .pop()
             .ok_or_else(|| Error::Internal("warm-up produced no layout".into()))?;
         let m = self.specs.synthesis.size_multiple;
+        // The smallest valid size, one step: the cheapest run of every model.
         let settings = SynthesisSettings {
             width: m,
             height: m,
@@ -265,7 +255,7 @@ impl Engine {
             let Work::Synthesis(s) = &job.work else {
                 continue;
             };
-            settings.get_or_insert_with(|| s.settings.clone());
+            settings.get_or_insert_with(|| s.plan.settings.clone());
             let full = match (&s.layout, &computed[i]) {
                 (LayoutInput::Ready(l), _) => l.clone(),
                 (LayoutInput::Guide(_), Some(l)) => l.clone(),
@@ -274,26 +264,9 @@ impl Engine {
                     continue;
                 }
             };
-            let layout = match full.truncate(s.components) {
-                Ok(l) => l,
-                Err(e) => {
-                    errors[i] = Some(e);
-                    continue;
-                }
-            };
-            for n in 0..s.num_images {
-                items.push((
-                    i,
-                    SynthesisItem {
-                        layout: layout.clone(),
-                        prompt: s.prompt.clone(),
-                        negative_prompt: s.negative_prompt.clone(),
-                        guidance: s.guidance,
-                        control_scale: s.control_scale,
-                        seed: s.seed.wrapping_add(n as u64),
-                        latents: None,
-                    },
-                ));
+            match full.truncate(s.plan.components) {
+                Ok(layout) => items.extend(s.plan.items(&layout).into_iter().map(|it| (i, it))),
+                Err(e) => errors[i] = Some(e),
             }
         }
         let Some(settings) = settings else {
@@ -341,7 +314,7 @@ impl Engine {
                         metrics::dropped("disconnected");
                     }
                     for &o in &owners {
-                        errors[o].get_or_insert_with(|| share(&e));
+                        errors[o].get_or_insert_with(|| e.clone());
                     }
                     continue;
                 }
@@ -389,35 +362,6 @@ impl Engine {
 fn fail_all(jobs: Vec<Job>, e: &Error) {
     tracing::error!(error = %e, jobs = jobs.len(), "batch failed");
     for job in jobs {
-        let _ = job.reply.send(Err(share(e)));
-    }
-}
-
-/// A copy of an error for another job of the same batch.
-fn share(e: &Error) -> Error {
-    match e {
-        Error::InvalidParameter { name, message } => Error::param(name.clone(), message),
-        Error::InvalidImage(m) => Error::InvalidImage(m.clone()),
-        Error::ImageTooLarge {
-            width,
-            height,
-            pixels,
-            limit,
-        } => Error::ImageTooLarge {
-            width: *width,
-            height: *height,
-            pixels: *pixels,
-            limit: *limit,
-        },
-        Error::Cancelled => Error::Cancelled,
-        other => Error::Internal(other.to_string()),
-    }
-}
-
-fn device_name(d: &Device) -> String {
-    match d.location() {
-        candle_core::DeviceLocation::Cpu => "cpu".into(),
-        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
-        other => format!("{other:?}").to_lowercase(),
+        let _ = job.reply.send(Err(e.clone()));
     }
 }

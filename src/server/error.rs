@@ -1,5 +1,11 @@
 //! The service's error type and the one place where errors become HTTP
 //! statuses. Every failure answers `{"error": {"code": "...", "message": "..."}}`.
+//!
+//! The 400 codes follow the core rule (`crate::error`): `invalid_request`
+//! when the body does not read as the endpoint's request (syntax, types,
+//! unknown or repeated fields), `invalid_parameter` when a value is not
+//! allowed (range, choice, missing, conflicting with another field). Both
+//! name the field.
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -11,15 +17,10 @@ use crate::server::api::{ErrorBody, ErrorDetail};
 /// Everything a request can fail with.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
-    /// A failure from the pipeline or its validation (bad parameter, bad
-    /// image, or lumen's own fault).
+    /// A failure from the core: a bad request, parameter or image, a full
+    /// queue, shutdown, or lumen's own fault.
     #[error(transparent)]
     Lumen(#[from] Error),
-
-    /// The body is not what the endpoint reads (bad JSON, bad multipart,
-    /// bad base64, missing field, unknown field); `field` names the culprit.
-    #[error("invalid request field `{field}`: {message}")]
-    BadRequest { field: String, message: String },
 
     #[error("missing or wrong API key: send `Authorization: Bearer <key>` or `X-API-Key: <key>`")]
     Unauthorized,
@@ -42,45 +43,32 @@ pub enum ApiError {
     #[error("cannot answer with `{accept}`: {message}")]
     NotAcceptable { accept: String, message: String },
 
-    #[error(
-        "the queue is full ({capacity} requests waiting or running); retry in {retry_after_s} s"
-    )]
-    Overloaded { capacity: usize, retry_after_s: u64 },
-
     #[error("the request did not finish within {0} s")]
     Timeout(u64),
 
     #[error("the models are still loading")]
     NotReady,
-
-    #[error("the server is shutting down")]
-    ShuttingDown,
 }
 
 impl ApiError {
-    pub fn bad_request(field: impl Into<String>, message: impl std::fmt::Display) -> Self {
-        ApiError::BadRequest {
-            field: field.into(),
-            message: message.to_string(),
-        }
-    }
-
     /// HTTP status and stable machine-readable code.
     pub fn status_and_code(&self) -> (StatusCode, &'static str) {
         match self {
             ApiError::Lumen(e) => match e {
+                Error::InvalidRequest { .. } => (StatusCode::BAD_REQUEST, "invalid_request"),
                 Error::InvalidParameter { .. } => (StatusCode::BAD_REQUEST, "invalid_parameter"),
                 Error::InvalidImage(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_image"),
                 Error::ImageTooLarge { .. } => {
                     (StatusCode::UNPROCESSABLE_ENTITY, "image_too_large")
                 }
+                Error::Overloaded { .. } => (StatusCode::TOO_MANY_REQUESTS, "overloaded"),
+                Error::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
                 Error::Cancelled => (StatusCode::SERVICE_UNAVAILABLE, "cancelled"),
                 Error::ModelFile { .. }
                 | Error::Io { .. }
                 | Error::Tensor(_)
                 | Error::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
             },
-            ApiError::BadRequest { .. } => (StatusCode::BAD_REQUEST, "invalid_request"),
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ApiError::UnknownLayout(_) => (StatusCode::NOT_FOUND, "unknown_layout"),
             ApiError::NoRoute { .. } => (StatusCode::NOT_FOUND, "not_found"),
@@ -94,10 +82,8 @@ impl ApiError {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
             }
             ApiError::NotAcceptable { .. } => (StatusCode::NOT_ACCEPTABLE, "not_acceptable"),
-            ApiError::Overloaded { .. } => (StatusCode::TOO_MANY_REQUESTS, "overloaded"),
             ApiError::Timeout(_) => (StatusCode::SERVICE_UNAVAILABLE, "timeout"),
             ApiError::NotReady => (StatusCode::SERVICE_UNAVAILABLE, "not_ready"),
-            ApiError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
         }
     }
 }
@@ -118,7 +104,7 @@ impl IntoResponse for ApiError {
         };
         let mut res = (status, Json(body)).into_response();
         let retry_after = match &self {
-            ApiError::Overloaded { retry_after_s, .. } => Some(*retry_after_s),
+            ApiError::Lumen(Error::Overloaded { .. }) => Some(1),
             ApiError::NotReady => Some(5),
             _ => None,
         };

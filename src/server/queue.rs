@@ -18,9 +18,8 @@ use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 use crate::error::{Error, Result};
 use crate::models::schedulers::SchedulerKind;
 use crate::pipeline::layout::{Layout, PreparedGuide};
-use crate::pipeline::synthesis::SynthesisSettings;
+use crate::pipeline::request::SynthesisPlan;
 use crate::server::engine::EngineHandle;
-use crate::server::error::ApiError;
 use crate::server::metrics;
 
 /// Work for the inference thread.
@@ -38,16 +37,10 @@ pub enum LayoutInput {
     Guide(PreparedGuide),
 }
 
+/// A resolved synthesis and where its layout comes from.
 pub struct SynthesisWork {
-    pub settings: SynthesisSettings,
+    pub plan: SynthesisPlan,
     pub layout: LayoutInput,
-    pub components: usize,
-    pub prompt: String,
-    pub negative_prompt: String,
-    pub guidance: f64,
-    pub control_scale: f64,
-    pub seed: u64,
-    pub num_images: usize,
 }
 
 /// What the inference thread answers.
@@ -101,11 +94,11 @@ impl Job {
         match &self.work {
             Work::Layout(_) => BatchKey::Layout,
             Work::Synthesis(s) => BatchKey::Synthesis {
-                width: s.settings.width,
-                height: s.settings.height,
-                steps: s.settings.steps,
-                scheduler: s.settings.scheduler,
-                cfg: s.guidance > 1.0,
+                width: s.plan.settings.width,
+                height: s.plan.settings.height,
+                steps: s.plan.settings.steps,
+                scheduler: s.plan.settings.scheduler,
+                cfg: s.plan.cfg(),
             },
         }
     }
@@ -114,7 +107,7 @@ impl Job {
     pub fn size(&self) -> usize {
         match &self.work {
             Work::Layout(_) => 1,
-            Work::Synthesis(s) => s.num_images,
+            Work::Synthesis(s) => s.plan.num_images,
         }
     }
 
@@ -149,20 +142,19 @@ impl Queue {
         }
     }
 
-    /// A place in the queue, or 429 at once.
-    pub fn try_permit(&self) -> Result<OwnedSemaphorePermit, ApiError> {
+    /// A place in the queue, or [`Error::Overloaded`] at once.
+    pub fn try_permit(&self) -> Result<OwnedSemaphorePermit> {
         self.permits
             .clone()
             .try_acquire_owned()
-            .map_err(|_| ApiError::Overloaded {
+            .map_err(|_| Error::Overloaded {
                 capacity: self.capacity,
-                retry_after_s: 1,
             })
     }
 
-    pub fn push(&self, job: Job) -> Result<(), ApiError> {
+    pub fn push(&self, job: Job) -> Result<()> {
         if self.closed.load(Ordering::SeqCst) {
-            return Err(ApiError::ShuttingDown);
+            return Err(Error::ShuttingDown);
         }
         let mut jobs = self.lock();
         jobs.push_back(job);

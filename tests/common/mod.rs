@@ -142,3 +142,74 @@ pub fn png_with_header(width: u32, height: u32, data: Option<&[u8]>) -> Vec<u8> 
     chunk(b"IEND", &[]);
     v
 }
+
+pub mod app;
+
+/// The guide image most HTTP tests use.
+pub fn guide_path() -> PathBuf {
+    root().join("tests/fixtures/images/tiny-street.png")
+}
+
+pub fn guide_bytes() -> Vec<u8> {
+    std::fs::read(guide_path()).unwrap()
+}
+
+pub fn b64(b: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(b)
+}
+
+pub fn unb64(s: &serde_json::Value) -> Vec<u8> {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD
+        .decode(s.as_str().expect("base64 string"))
+        .expect("valid base64")
+}
+
+/// Little-endian f32 values.
+pub fn f32s(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+pub fn rgb(bytes: &[u8]) -> image::RgbImage {
+    image::load_from_memory(bytes)
+        .expect("decodable image")
+        .to_rgb8()
+}
+
+pub fn max_pixel_diff(a: &image::RgbImage, b: &image::RgbImage) -> u8 {
+    assert_eq!(a.dimensions(), b.dimensions());
+    a.as_raw()
+        .iter()
+        .zip(b.as_raw())
+        .map(|(x, y)| x.abs_diff(*y))
+        .max()
+        .unwrap_or(0)
+}
+
+/// Sum of a Prometheus series (all label sets whose line starts with `prefix`).
+pub fn metric_sum(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A small, fast synthesis request on the tiny model, with `extra` fields.
+pub fn synth_body(extra: serde_json::Value) -> serde_json::Value {
+    let mut body = serde_json::json!({
+        "prompt": "a quiet street",
+        "steps": 3,
+        "width": 64,
+        "height": 48,
+        "scheduler": "ddim",
+        "seed": 7,
+    });
+    for (k, v) in extra.as_object().unwrap() {
+        body[k] = v.clone();
+    }
+    body
+}

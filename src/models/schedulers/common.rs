@@ -14,113 +14,7 @@ use candle_core::{DType, Tensor};
 use serde_json::Value;
 
 use crate::error::{Error, Result};
-
-/// A diffusers scheduler config, read field by field with the target class's
-/// defaults. Fields the caller never asks for are ignored, as `from_config`
-/// ignores them.
-pub(crate) struct Config<'a> {
-    map: &'a serde_json::Map<String, Value>,
-    file: &'a str,
-}
-
-impl<'a> Config<'a> {
-    pub fn new(value: &'a Value, file: &'a str) -> Result<Self> {
-        match value.as_object() {
-            Some(map) => Ok(Config { map, file }),
-            None => Err(Error::model_file(
-                file,
-                "a scheduler config must be a JSON object",
-            )),
-        }
-    }
-
-    /// The file name used in error messages.
-    pub fn file(&self) -> &str {
-        self.file
-    }
-
-    /// `Error::model_file` naming an unsupported option.
-    pub fn unsupported(&self, field: &str, detail: impl std::fmt::Display) -> Error {
-        Error::model_file(self.file, format!("unsupported {field}: {detail}"))
-    }
-
-    fn bad_type(&self, field: &str, expected: &str, got: &Value) -> Error {
-        Error::model_file(
-            self.file,
-            format!("field `{field}` must be {expected}, got {got}"),
-        )
-    }
-
-    /// The raw value of `field` when the config has it (even as `null`).
-    pub fn get(&self, field: &str) -> Option<&'a Value> {
-        self.map.get(field)
-    }
-
-    pub fn f64_or(&self, field: &str, default: f64) -> Result<f64> {
-        match self.map.get(field) {
-            None => Ok(default),
-            Some(v) => v
-                .as_f64()
-                .ok_or_else(|| self.bad_type(field, "a number", v)),
-        }
-    }
-
-    /// `None` when missing or `null` (Python's `None`).
-    pub fn opt_f64(&self, field: &str) -> Result<Option<f64>> {
-        match self.map.get(field) {
-            None | Some(Value::Null) => Ok(None),
-            Some(v) => v
-                .as_f64()
-                .map(Some)
-                .ok_or_else(|| self.bad_type(field, "a number or null", v)),
-        }
-    }
-
-    /// An integer field; integral floats (`1000.0`) are accepted too.
-    pub fn i64_or(&self, field: &str, default: i64) -> Result<i64> {
-        match self.map.get(field) {
-            None => Ok(default),
-            Some(v) => {
-                if let Some(i) = v.as_i64() {
-                    return Ok(i);
-                }
-                match v.as_f64() {
-                    Some(f) if f.fract() == 0.0 && f.abs() < 9e15 => Ok(f as i64),
-                    _ => Err(self.bad_type(field, "an integer", v)),
-                }
-            }
-        }
-    }
-
-    /// A boolean field, with Python truthiness for `null` and numbers (the
-    /// classes only ever test these fields with `if`).
-    pub fn bool_or(&self, field: &str, default: bool) -> Result<bool> {
-        match self.map.get(field) {
-            None => Ok(default),
-            Some(Value::Bool(b)) => Ok(*b),
-            Some(Value::Null) => Ok(false),
-            Some(Value::Number(n)) => Ok(n.as_f64() != Some(0.0)),
-            Some(v) => Err(self.bad_type(field, "a boolean", v)),
-        }
-    }
-
-    pub fn str_or(&self, field: &str, default: &'a str) -> Result<&'a str> {
-        match self.map.get(field) {
-            None => Ok(default),
-            Some(Value::String(s)) => Ok(s.as_str()),
-            Some(v) => Err(self.bad_type(field, "a string", v)),
-        }
-    }
-
-    /// Error when a boolean option this port does not implement is on.
-    pub fn reject_true(&self, field: &str) -> Result<()> {
-        if self.bool_or(field, false)? {
-            Err(self.unsupported(field, "true (only false is implemented)"))
-        } else {
-            Ok(())
-        }
-    }
-}
+use crate::model_folder::DiffusersConfig;
 
 /// `beta_schedule`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -144,7 +38,7 @@ impl TrainSchedule {
     /// `pin_terminal`: Euler and DPM-Solver replace the last
     /// `alphas_cumprod` by 2^-24 after a zero-terminal-SNR rescale (so that
     /// sigmas stay finite); DDIM keeps the exact zero.
-    pub fn read(cfg: &Config, pin_terminal: bool) -> Result<Self> {
+    pub fn read(cfg: &DiffusersConfig, pin_terminal: bool) -> Result<Self> {
         let n = cfg.i64_or("num_train_timesteps", 1000)?;
         if n < 1 {
             return Err(Error::model_file(
@@ -293,7 +187,7 @@ pub(crate) enum Prediction {
 impl Prediction {
     /// Reads `prediction_type` (default "epsilon"); `extra_sample_alias`
     /// accepts Euler's "original_sample" spelling of "sample".
-    pub fn read(cfg: &Config, extra_sample_alias: bool) -> Result<Self> {
+    pub fn read(cfg: &DiffusersConfig, extra_sample_alias: bool) -> Result<Self> {
         match cfg.str_or("prediction_type", "epsilon")? {
             "epsilon" => Ok(Prediction::Epsilon),
             "v_prediction" => Ok(Prediction::Velocity),
@@ -316,7 +210,7 @@ pub(crate) enum Spacing {
 }
 
 impl Spacing {
-    pub fn read(cfg: &Config, default: &'static str) -> Result<Self> {
+    pub fn read(cfg: &DiffusersConfig, default: &'static str) -> Result<Self> {
         match cfg.str_or("timestep_spacing", default)? {
             "leading" => Ok(Spacing::Leading),
             "trailing" => Ok(Spacing::Trailing),

@@ -17,11 +17,12 @@ use candle_core::Tensor;
 use serde_json::Value;
 
 use super::common::{
-    check_index, check_steps, leading, lin_comb, np_linspace, trailing, Config, Prediction,
-    Spacing, TrainSchedule,
+    check_index, check_steps, leading, lin_comb, np_linspace, trailing, Prediction, Spacing,
+    TrainSchedule,
 };
 use super::Scheduler;
 use crate::error::{Error, Result};
+use crate::model_folder::DiffusersConfig;
 
 /// diffusers' `DDIMScheduler` after `set_timesteps`.
 #[derive(Clone, Debug)]
@@ -41,7 +42,7 @@ pub struct DdimScheduler {
 impl DdimScheduler {
     /// `DDIMScheduler.from_config(config)` + `set_timesteps(num_inference_steps)`.
     pub fn new(config: &Value, num_inference_steps: usize, file: &str) -> Result<Self> {
-        let cfg = Config::new(config, file)?;
+        let cfg = DiffusersConfig::new(config.clone(), file)?;
         let train = TrainSchedule::read(&cfg, false)?;
         let prediction = Prediction::read(&cfg, false)?;
         let spacing = Spacing::read(&cfg, "leading")?;

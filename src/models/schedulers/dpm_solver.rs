@@ -30,10 +30,11 @@ use serde_json::Value;
 
 use super::common::{
     as_f32, check_index, check_steps, karras_sigmas, lin_comb, np_interp, np_linspace, sigma_to_t,
-    trailing, BetaSchedule, Config, Prediction, Spacing, TrainSchedule,
+    trailing, BetaSchedule, Prediction, Spacing, TrainSchedule,
 };
 use super::Scheduler;
 use crate::error::{Error, Result};
+use crate::model_folder::DiffusersConfig;
 
 /// `solver_type` of the second-order update.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -72,7 +73,7 @@ fn alpha_sigma_lambda(sigma: f32) -> (f64, f64, f64) {
 impl DpmSolverMultistepScheduler {
     /// `DPMSolverMultistepScheduler.from_config(config)` + `set_timesteps(num_inference_steps)`.
     pub fn new(config: &Value, num_inference_steps: usize, file: &str) -> Result<Self> {
-        let cfg = Config::new(config, file)?;
+        let cfg = DiffusersConfig::new(config.clone(), file)?;
         let train = TrainSchedule::read(&cfg, true)?;
         let prediction = match cfg.str_or("prediction_type", "epsilon")? {
             "flow_prediction" => {

@@ -22,10 +22,11 @@ use serde_json::Value;
 
 use super::common::{
     as_f32, check_index, check_steps, karras_sigmas, leading, lin_comb, np_interp, np_linspace,
-    sigma_to_t, trailing, Config, Prediction, Spacing, TrainSchedule,
+    sigma_to_t, trailing, Prediction, Spacing, TrainSchedule,
 };
 use super::Scheduler;
 use crate::error::Result;
+use crate::model_folder::DiffusersConfig;
 
 /// diffusers' `EulerDiscreteScheduler` after `set_timesteps`.
 #[derive(Clone, Debug)]
@@ -40,7 +41,7 @@ pub struct EulerDiscreteScheduler {
 impl EulerDiscreteScheduler {
     /// `EulerDiscreteScheduler.from_config(config)` + `set_timesteps(num_inference_steps)`.
     pub fn new(config: &Value, num_inference_steps: usize, file: &str) -> Result<Self> {
-        let cfg = Config::new(config, file)?;
+        let cfg = DiffusersConfig::new(config.clone(), file)?;
         let train = TrainSchedule::read(&cfg, true)?;
         let prediction = Prediction::read(&cfg, true)?;
         let spacing = Spacing::read(&cfg, "linspace")?;

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# API contract check: schemathesis (`st run --checks all`) against `lumen
+# serve` on the embedded model, on a free loopback port, for a bounded time.
+# The run passes with 0 failures and 0 server errors.
+#
+#   scripts/contract_test.sh [SECONDS]        (default 300)
+#
+# The server runs with small request limits (steps, output side, images) so
+# that every schema-valid request finishes in well under the request timeout:
+# the run measures the contract, not the CPU. The served /openapi.json states
+# those limits, so schemathesis draws within them. Environment: VENV (the
+# Python venv, default scripts/.cache/contract-venv), LUMEN (a built binary,
+# default: cargo build --release), ST_ARGS (more `st run` options).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DURATION=${1:-300}
+VENV=${VENV:-scripts/.cache/contract-venv}
+OUT=${OUT:-scripts/.cache/contract}
+mkdir -p "$OUT"
+
+if [ ! -x "$VENV/bin/st" ]; then
+    python3 -m venv "$VENV"
+    "$VENV/bin/pip" install --quiet 'schemathesis>=4.32,<5' 'pillow>=10,<13'
+fi
+if [ -z "${LUMEN:-}" ]; then
+    cargo build --release --locked --quiet
+    LUMEN=target/release/lumen
+fi
+
+LOG="$OUT/server.log"
+"$LUMEN" serve --host 127.0.0.1 --port 0 --log-format json \
+    --max-steps 8 --max-side 128 --max-images 2 --max-layout-size 518 \
+    --max-queue 64 --request-timeout-s 120 >"$LOG" 2>&1 &
+SERVER=$!
+trap 'kill -TERM $SERVER 2>/dev/null || true; wait $SERVER 2>/dev/null || true' EXIT
+
+ADDR=""
+for _ in $(seq 1 600); do
+    ADDR=$(sed -n 's/.*"message":"listening","address":"\([^"]*\)".*/\1/p' "$LOG" | head -n1)
+    if [ -n "$ADDR" ] && curl -sf "http://$ADDR/ready" >/dev/null; then break; fi
+    if ! kill -0 $SERVER 2>/dev/null; then cat "$LOG"; echo "lumen serve exited" >&2; exit 1; fi
+    sleep 0.1
+done
+[ -n "$ADDR" ] || { echo "lumen serve never became ready" >&2; exit 1; }
+BASE="http://$ADDR"
+echo "lumen serve ready at $BASE; running schemathesis for ${DURATION}s"
+
+# Server errors are counted from here on (loading answered /ready with 503).
+count_5xx() { curl -sf "$BASE/metrics" | awk '/^lumen_http_requests_total/ && /status="5/ {s += $NF} END {print s + 0}'; }
+ERRORS_BEFORE=$(count_5xx)
+START=$(date +%s)
+set +e
+PYTHONPATH=scripts/contract SCHEMATHESIS_HOOKS=lumen_hooks "$VENV/bin/st" run "$BASE/openapi.json" \
+    --checks all --max-time "$DURATION" --request-timeout 110 --workers 1 \
+    --report junit --report-dir "$OUT" ${ST_ARGS:-} | tee "$OUT/st.txt"
+STATUS=${PIPESTATUS[0]}
+set -e
+ELAPSED=$(( $(date +%s) - START ))
+
+SERVER_ERRORS=$(( $(count_5xx) - ERRORS_BEFORE ))
+REQUESTS=$(curl -sf "$BASE/metrics" | awk '/^lumen_http_requests_total/ {s += $NF} END {print s + 0}')
+kill -TERM $SERVER
+wait $SERVER || { echo "lumen serve did not exit cleanly" >&2; STATUS=1; }
+trap - EXIT
+if grep -q panicked "$LOG"; then echo "the server panicked (see $LOG)" >&2; STATUS=1; fi
+echo "contract run: ${ELAPSED}s, ${REQUESTS} requests served, ${SERVER_ERRORS} server errors, st exit ${STATUS}"
+[ "$SERVER_ERRORS" = 0 ] || STATUS=1
+exit $STATUS

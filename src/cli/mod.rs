@@ -1,0 +1,124 @@
+//! The `lumen` command line: the service, layouts, synthesis, PCA fitting,
+//! model folders, the OpenAPI document and benchmarks. Like the server, the
+//! commands build requests through the request model
+//! ([`crate::pipeline::request`]) and never resolve a default themselves.
+
+mod commands;
+mod layout;
+mod synthesize;
+
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::error::{Error, Result};
+use crate::server::ServeArgs;
+
+pub use layout::{FitPcaArgs, LayoutArgs};
+pub use synthesize::SynthesizeArgs;
+
+/// lumen: label-free neural semantic image synthesis.
+///
+/// A guide image becomes a neural layout (DINOv2 patch features reduced by
+/// PCA to K components). Without --models every command uses the embedded
+/// tiny model, whose weights are random: it proves the wiring only.
+#[derive(Parser)]
+#[command(name = "lumen", version, about, long_about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run the HTTP inference service (POST /layout, POST /synthesize).
+    Serve(ServeArgs),
+    /// Compute the neural layout of a guide image.
+    Layout(LayoutArgs),
+    /// Fit a PCA basis over the patch tokens of a folder of images.
+    FitPca(FitPcaArgs),
+    /// Generate images with the layout of a guide image.
+    Synthesize(SynthesizeArgs),
+    /// Assemble a model folder from Hugging Face Hub repositories.
+    Fetch(commands::FetchArgs),
+    /// Print the OpenAPI document (as committed in openapi/openapi.json).
+    Openapi,
+    /// Benchmarks (compare against the references with scripts/bench_*.py).
+    #[command(subcommand)]
+    Bench(commands::BenchCommand),
+}
+
+/// The model folder and the device, shared by the commands that load models.
+#[derive(Args)]
+pub struct ModelArgs {
+    /// Model folder (see models/README.md); the embedded tiny model if omitted.
+    #[arg(long, env = "LUMEN_MODELS")]
+    pub models: Option<PathBuf>,
+    /// Device to run on: cpu, cuda or cuda:N.
+    #[arg(long, env = "LUMEN_DEVICE", default_value = "cpu")]
+    pub device: String,
+}
+
+impl Cli {
+    /// The log format the command asks for.
+    pub fn log_format(&self) -> &str {
+        match &self.command {
+            Command::Serve(a) => a.log_format.as_str(),
+            _ => "text",
+        }
+    }
+
+    /// Run the command.
+    pub fn run(self) -> Result<()> {
+        match self.command {
+            Command::Serve(a) => commands::serve(a),
+            Command::Fetch(a) => commands::fetch(a),
+            Command::Openapi => {
+                print!("{}", crate::server::openapi::openapi_json());
+                Ok(())
+            }
+            Command::Layout(a) => layout::run_layout(a),
+            Command::FitPca(a) => layout::run_fit_pca(a),
+            Command::Synthesize(a) => synthesize::run(a),
+            Command::Bench(c) => commands::bench(c),
+        }
+    }
+}
+
+/// `path` must end in one of `allowed` (lower case, without the dot).
+fn check_extension(path: &Path, allowed: &[&str]) -> Result<String> {
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(|e| e.to_ascii_lowercase())
+        .unwrap_or_default();
+    if !allowed.contains(&ext.as_str()) {
+        return Err(Error::param(
+            "out",
+            format!(
+                "`{}` must end in .{}",
+                path.display(),
+                allowed.join(" or .")
+            ),
+        ));
+    }
+    Ok(ext)
+}
+
+/// A progress bar of `len` steps, hidden when `quiet`.
+fn progress_bar(len: u64, quiet: bool, message: &'static str) -> indicatif::ProgressBar {
+    let bar = if quiet {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(len)
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg:>10} [{bar:40}] {pos}/{len} steps ({elapsed}, eta {eta})",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    bar.set_message(message);
+    bar
+}

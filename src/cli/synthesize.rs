@@ -1,0 +1,186 @@
+//! `lumen synthesize`: a guide image file in, image files out, through the
+//! same request model, output size rule and parameters record as the API.
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device};
+use clap::Args;
+
+use super::{progress_bar, ModelArgs};
+use crate::config::{parse_device, parse_dtype};
+use crate::error::{Error, Result};
+use crate::guide;
+use crate::model_folder::ModelSource;
+use crate::pipeline::layout::LayoutModel;
+use crate::pipeline::layout_id::{guide_key, layout_id};
+use crate::pipeline::output::OutputFormat;
+use crate::pipeline::request::limits::{
+    DEFAULT_CONTROL_SCALE, DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_IMAGES, DEFAULT_STEPS,
+};
+use crate::pipeline::request::{Bounds, GuideInfo, Limits, SynthesisRequest};
+use crate::pipeline::spec::ModelSpecs;
+use crate::pipeline::synthesis::SynthesisModel;
+
+#[derive(Args)]
+pub struct SynthesizeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Guide image (PNG, JPEG or WebP) whose layout the new images keep.
+    #[arg(long, env = "LUMEN_IMAGE")]
+    image: PathBuf,
+    /// Text prompt.
+    #[arg(long, env = "LUMEN_PROMPT", default_value = "")]
+    prompt: String,
+    /// Negative prompt (used when guidance > 1).
+    #[arg(long, env = "LUMEN_NEGATIVE_PROMPT", default_value = "")]
+    negative_prompt: String,
+    /// Number of PCA components K of the layout (1..=Kmax): fewer = more diverse; default from lumen.json.
+    #[arg(long, short = 'k', env = "LUMEN_COMPONENTS")]
+    components: Option<usize>,
+    /// Denoising steps.
+    #[arg(long, env = "LUMEN_STEPS", default_value_t = DEFAULT_STEPS)]
+    steps: usize,
+    /// Classifier-free guidance scale; at most 1 skips the unconditional pass.
+    #[arg(long, env = "LUMEN_GUIDANCE", default_value_t = DEFAULT_GUIDANCE_SCALE)]
+    guidance: f64,
+    /// Weight of the ControlNet's residuals.
+    #[arg(long, env = "LUMEN_CONTROL_SCALE", default_value_t = DEFAULT_CONTROL_SCALE)]
+    control_scale: f64,
+    /// ddim, euler or dpmpp-2m; default: the model folder's scheduler if lumen has it, else dpmpp-2m.
+    #[arg(long, env = "LUMEN_SCHEDULER")]
+    scheduler: Option<String>,
+    /// Seed of the first image (image i uses seed + i); random if omitted.
+    #[arg(long, env = "LUMEN_SEED")]
+    seed: Option<u64>,
+    /// Number of images.
+    #[arg(long, env = "LUMEN_NUM_IMAGES", default_value_t = DEFAULT_NUM_IMAGES)]
+    num_images: usize,
+    /// Output width; default: from --height and the guide's aspect, or the guide's aspect with the longer side 512.
+    #[arg(long, env = "LUMEN_WIDTH")]
+    width: Option<u32>,
+    /// Output height; default as for --width.
+    #[arg(long, env = "LUMEN_HEIGHT")]
+    height: Option<u32>,
+    /// Longer side, in pixels, of the image fed to the encoder; default from lumen.json (518).
+    #[arg(long, env = "LUMEN_LAYOUT_SIZE")]
+    layout_size: Option<u32>,
+    /// Diffusion weights' dtype: auto (f16 on CUDA, f32 on CPU), f32, f16 or bf16.
+    /// The DINOv2 encoder and PCA always run in f32.
+    #[arg(long, env = "LUMEN_DTYPE", default_value = "auto")]
+    dtype: String,
+    /// Initial noise: safetensors with tensor `latents` [1, C, h, w] (unit variance); overrides the seed.
+    #[arg(long, env = "LUMEN_LATENTS")]
+    latents: Option<PathBuf>,
+    /// Output file: .png (carries the parameters), .jpg/.jpeg or .webp; with
+    /// several images PATH-0.EXT, PATH-1.EXT, …
+    #[arg(long, short = 'o', env = "LUMEN_OUT")]
+    out: PathBuf,
+    /// Hide the progress bar.
+    #[arg(long, env = "LUMEN_QUIET")]
+    quiet: bool,
+}
+
+impl SynthesizeArgs {
+    /// The request these arguments make.
+    fn request(&self, format: OutputFormat) -> SynthesisRequest {
+        SynthesisRequest {
+            prompt: Some(self.prompt.clone()),
+            negative_prompt: Some(self.negative_prompt.clone()),
+            components: self.components,
+            layout_size: self.layout_size,
+            steps: Some(self.steps),
+            guidance_scale: Some(self.guidance),
+            control_scale: Some(self.control_scale),
+            scheduler: self.scheduler.clone(),
+            seed: self.seed,
+            num_images: Some(self.num_images),
+            width: self.width,
+            height: self.height,
+            format: Some(format.name().to_string()),
+        }
+    }
+}
+
+pub fn run(a: SynthesizeArgs) -> Result<()> {
+    let format = OutputFormat::from_extension(&a.out).ok_or_else(|| {
+        Error::param(
+            "out",
+            format!(
+                "`{}` must end in .png, .jpg, .jpeg or .webp",
+                a.out.display()
+            ),
+        )
+    })?;
+    let request = a.request(format);
+    if a.latents.is_some() && request.num_images() != 1 {
+        return Err(Error::param(
+            "latents",
+            "given latents make one image; use --num-images 1",
+        ));
+    }
+    let device = parse_device(&a.model.device)?;
+    let dtype = parse_dtype(&a.dtype, &device)?;
+    let src = ModelSource::from_arg(a.model.models.clone());
+    let bounds = Bounds::new(&ModelSpecs::read(&src)?, Limits::default())?;
+    // Every parameter is checked before any model loads.
+    request.validate(&bounds)?;
+    let bytes = std::fs::read(&a.image).map_err(|e| Error::io(&a.image, e))?;
+    let img = guide::decode_named(&bytes, bounds.layout.max_image_pixels, &a.image)?.to_rgb8();
+    let plan = request.resolve(&bounds, &GuideInfo::image(img.dimensions()))?;
+    let latents = a.latents.as_ref().map(read_latents).transpose()?;
+
+    // The layout first; the encoder is freed before the diffusion weights load.
+    let layout = {
+        let lm = LayoutModel::load(&src, &device)?;
+        let prepared = lm.prepare(&img, Some(plan.layout_size))?;
+        lm.layouts(&[(&prepared, plan.components)])?
+            .pop()
+            .ok_or_else(|| Error::Internal("no layout computed".into()))?
+    };
+    let key = guide_key(&bounds.model, plan.layout_size, &bytes);
+    let mut record = plan.parameters(layout_id(&key, plan.components), &bounds.model);
+    record.latents = a.latents.as_ref().map(|p| p.display().to_string());
+
+    let model = SynthesisModel::load_as(&src, &device, dtype)?;
+    let mut items = plan.items(&layout);
+    if let Some(l) = latents {
+        items[0].latents = Some(l);
+    }
+    let bar = progress_bar(plan.settings.steps as u64, a.quiet, "denoise");
+    let images = model.generate(&plan.settings, &items, |step, _| {
+        bar.set_position(step as u64)
+    })?;
+    bar.finish_and_clear();
+    let ext = a
+        .out
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or(format.name())
+        .to_string();
+    for (i, img) in images.iter().enumerate() {
+        let path = if images.len() == 1 {
+            a.out.clone()
+        } else {
+            let stem = a.out.with_extension("");
+            PathBuf::from(format!("{}-{i}.{ext}", stem.display()))
+        };
+        let r = record.for_image(i);
+        let bytes = format.encode(img, &r)?;
+        std::fs::write(&path, bytes).map_err(|e| Error::io(&path, e))?;
+        println!("wrote {} (seed {})", path.display(), r.seed);
+    }
+    Ok(())
+}
+
+/// `--latents`: tensor `latents` of a safetensors file, as f32.
+fn read_latents(p: &PathBuf) -> Result<candle_core::Tensor> {
+    let t = candle_core::safetensors::load(p, &Device::Cpu)
+        .map_err(|e| Error::param("latents", format!("{}: {e}", p.display())))?;
+    let l = t.get("latents").ok_or_else(|| {
+        Error::param(
+            "latents",
+            format!("{} has no tensor `latents`", p.display()),
+        )
+    })?;
+    Ok(l.to_dtype(DType::F32)?)
+}

@@ -1,0 +1,108 @@
+//! The options of `lumen serve` (every flag is also an environment variable).
+
+use std::path::PathBuf;
+
+use crate::error::{Error, Result};
+use crate::pipeline::request::{Limits, DEFAULT_LIMITS};
+
+/// Options of `lumen serve` (every flag is also an environment variable).
+#[derive(clap::Args, Clone, Debug)]
+pub struct ServeArgs {
+    /// Model folder (see models/README.md); the embedded tiny model if omitted.
+    #[arg(long, env = "LUMEN_MODELS")]
+    pub models: Option<PathBuf>,
+    /// Address to listen on.
+    #[arg(long, env = "LUMEN_HOST", default_value = "0.0.0.0")]
+    pub host: String,
+    /// Port to listen on (0: any free port; the bound address is logged).
+    #[arg(long, env = "LUMEN_PORT", default_value_t = 8080)]
+    pub port: u16,
+    /// Device: cpu, cuda or cuda:N.
+    #[arg(long, env = "LUMEN_DEVICE", default_value = "cpu")]
+    pub device: String,
+    /// Diffusion weights' dtype: auto (f16 on CUDA, f32 on CPU), f32, f16 or bf16.
+    /// The DINOv2 encoder and PCA always run in f32.
+    #[arg(long, env = "LUMEN_DTYPE", default_value = "auto")]
+    pub dtype: String,
+    /// Most images (or guides) one model call runs.
+    #[arg(long, env = "LUMEN_MAX_BATCH", default_value_t = 4)]
+    pub max_batch: usize,
+    /// How long the oldest queued job waits for a batch to fill, in milliseconds.
+    #[arg(long, env = "LUMEN_MAX_WAIT_MS", default_value_t = 20)]
+    pub max_wait_ms: u64,
+    /// Most requests waiting or running; more are answered 429.
+    #[arg(long, env = "LUMEN_MAX_QUEUE", default_value_t = 64)]
+    pub max_queue: usize,
+    /// A request not answered within this many seconds gets 503.
+    #[arg(long, env = "LUMEN_REQUEST_TIMEOUT_S", default_value_t = 300)]
+    pub request_timeout_s: u64,
+    /// Largest request body, in MiB.
+    #[arg(long, env = "LUMEN_BODY_LIMIT_MB", default_value_t = 20)]
+    pub body_limit_mb: usize,
+    /// Most denoising steps a request may ask for.
+    #[arg(long, env = "LUMEN_MAX_STEPS", default_value_t = DEFAULT_LIMITS.max_steps)]
+    pub max_steps: usize,
+    /// Longest output side a request may ask for, in pixels.
+    #[arg(long, env = "LUMEN_MAX_SIDE", default_value_t = DEFAULT_LIMITS.max_side)]
+    pub max_side: u32,
+    /// Most images one request may ask for.
+    #[arg(long, env = "LUMEN_MAX_IMAGES", default_value_t = DEFAULT_LIMITS.max_images)]
+    pub max_images: usize,
+    /// Longest encoder input side (layout_size) a request may ask for, in pixels.
+    #[arg(long, env = "LUMEN_MAX_LAYOUT_SIZE", default_value_t = DEFAULT_LIMITS.max_layout_size)]
+    pub max_layout_size: u32,
+    /// Require this key on /layout and /synthesize (`Authorization: Bearer KEY` or `X-API-Key: KEY`).
+    #[arg(long, env = "LUMEN_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Allowed CORS origins, comma-separated, or `*`; no CORS headers if omitted.
+    #[arg(long, env = "LUMEN_CORS_ORIGIN", value_delimiter = ',')]
+    pub cors_origin: Vec<String>,
+    /// Log format: text or json.
+    #[arg(long, env = "LUMEN_LOG_FORMAT", default_value = "text")]
+    pub log_format: String,
+    /// Layouts kept for `layout_id` (LRU).
+    #[arg(long, env = "LUMEN_LAYOUT_CACHE", default_value_t = 256)]
+    pub layout_cache: usize,
+}
+
+impl ServeArgs {
+    /// Options that can be checked before anything starts.
+    pub fn check(&self) -> Result<()> {
+        let positive = [
+            ("max_batch", self.max_batch as u64),
+            ("max_queue", self.max_queue as u64),
+            ("request_timeout_s", self.request_timeout_s),
+            ("body_limit_mb", self.body_limit_mb as u64),
+            ("layout_cache", self.layout_cache as u64),
+        ];
+        for (name, v) in positive {
+            if v == 0 {
+                return Err(Error::param(name, "must be at least 1"));
+            }
+        }
+        self.limits().check()?;
+        if self.body_limit_mb > 4096 {
+            return Err(Error::param("body_limit_mb", "must be at most 4096"));
+        }
+        if !matches!(self.log_format.as_str(), "text" | "json") {
+            return Err(Error::param(
+                "log_format",
+                format!("`{}` is not text or json", self.log_format),
+            ));
+        }
+        if self.api_key.as_deref() == Some("") {
+            return Err(Error::param("api_key", "must not be empty"));
+        }
+        Ok(())
+    }
+
+    /// What a request may ask for on this deployment.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_steps: self.max_steps,
+            max_side: self.max_side,
+            max_images: self.max_images,
+            max_layout_size: self.max_layout_size,
+        }
+    }
+}

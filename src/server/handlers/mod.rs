@@ -1,0 +1,99 @@
+//! HTTP handlers, one file per concern: [`layout`] and [`synthesize`] turn a
+//! request into work for the inference thread and encode the answer;
+//! [`status`] answers health, readiness, metrics, the OpenAPI document and
+//! unknown routes. Shared here: the guide (cache or decode), the queue, the
+//! blocking pool. A handler never touches model weights.
+
+pub mod layout;
+pub mod status;
+pub mod synthesize;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use tokio::sync::oneshot;
+
+use crate::error::{Error, Result};
+use crate::guide;
+use crate::pipeline::layout::PreparedGuide;
+use crate::pipeline::layout_id::guide_key;
+use crate::server::error::{ApiError, ApiResult};
+use crate::server::queue::{Job, Output, Work};
+use crate::server::state::{AppState, CachedLayout, Ready};
+
+/// A guide's layout: already in the cache, or a guide ready for the encoder.
+enum GuideLayout {
+    Cached(CachedLayout),
+    Prepared(PreparedGuide),
+}
+
+/// The cache key of a guide and its layout from the cache, else the guide
+/// decoded (size checked from the header first) and prepared on the blocking pool.
+async fn resolve_guide(
+    state: &AppState,
+    ready: &Arc<Ready>,
+    image: Bytes,
+    layout_size: u32,
+) -> ApiResult<(String, GuideLayout)> {
+    let key = guide_key(&state.model_identity, layout_size, &image);
+    if let Some(c) = state.cache_get(&key) {
+        return Ok((key, GuideLayout::Cached(c)));
+    }
+    let ready = ready.clone();
+    let guide = blocking(move || {
+        let img = guide::decode(&image, ready.bounds.layout.max_image_pixels)?.to_rgb8();
+        ready.specs.layout.prepare(&img, Some(layout_size))
+    })
+    .await?;
+    Ok((key, GuideLayout::Prepared(guide)))
+}
+
+/// The error of a request that brings no guide image.
+fn missing_image(alternative: &str) -> ApiError {
+    Error::param(
+        "image",
+        format!(
+            "missing: send the guide image (base64 in JSON, or a multipart file part `image`){alternative}"
+        ),
+    )
+    .into()
+}
+
+/// Queue a job and wait for its answer (or the deadline).
+async fn enqueue(state: &AppState, work: Work) -> ApiResult<Output> {
+    let permit = state.queue.try_permit()?;
+    let (tx, rx) = oneshot::channel();
+    let now = Instant::now();
+    state.queue.push(Job {
+        work,
+        reply: tx,
+        enqueued: now,
+        deadline: now + state.request_timeout,
+        permit,
+    })?;
+    match tokio::time::timeout(state.request_timeout, rx).await {
+        Err(_) => Err(ApiError::Timeout(state.request_timeout.as_secs())),
+        Ok(Err(_)) => {
+            Err(Error::Internal("the inference thread failed on this request".into()).into())
+        }
+        Ok(Ok(Err(e))) => Err(e.into()),
+        Ok(Ok(Ok(out))) => Ok(out),
+    }
+}
+
+/// Run CPU work (decoding, resizing, encoding) off the async runtime.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> ApiResult<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Internal(format!("worker task failed: {e}")))?
+        .map_err(ApiError::from)
+}
+
+fn binary(mime: &'static str, bytes: Vec<u8>) -> Response {
+    ([(header::CONTENT_TYPE, mime)], bytes).into_response()
+}
