@@ -14,7 +14,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${1:-300}
-VENV=${VENV:-scripts/.cache/contract-venv}
+VENV=$(realpath -m "${VENV:-scripts/.cache/contract-venv}")
 OUT=${OUT:-scripts/.cache/contract}
 mkdir -p "$OUT"
 
@@ -50,9 +50,13 @@ count_5xx() { curl -sf "$BASE/metrics" | awk '/^lumen_http_requests_total/ && /s
 ERRORS_BEFORE=$(count_5xx)
 START=$(date +%s)
 set +e
-PYTHONPATH=scripts/contract SCHEMATHESIS_HOOKS=lumen_hooks "$VENV/bin/st" run "$BASE/openapi.json" \
+# st keeps its own state (.schemathesis/, for `st replay`) in the working
+# directory: run it in $OUT.
+ROOT=$(pwd)
+(cd "$OUT" && PYTHONPATH="$ROOT/scripts/contract" SCHEMATHESIS_HOOKS=lumen_hooks \
+    "$VENV/bin/st" run "$BASE/openapi.json" \
     --checks all --max-time "$DURATION" --request-timeout 110 --workers 1 \
-    --report junit --report-dir "$OUT" ${ST_ARGS:-} | tee "$OUT/st.txt"
+    --report junit --report-dir . ${ST_ARGS:-}) | tee "$OUT/st.txt"
 STATUS=${PIPESTATUS[0]}
 set -e
 ELAPSED=$(( $(date +%s) - START ))
