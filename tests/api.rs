@@ -150,6 +150,8 @@ bad_requests! {
         => BAD_REQUEST, "invalid_request", ["`layout_size`"];
     multipart_unknown_part: form("/layout", &[("bogus", Part::Text("1"))])
         => BAD_REQUEST, "invalid_request", ["`bogus`"];
+    multipart_layout_id_is_json_only: form("/synthesize", &[("layout_id", Part::Text("00000000000000000000000000000000-3"))])
+        => BAD_REQUEST, "invalid_request", ["`layout_id`", "JSON"];
     multipart_repeated_part: form("/layout", &[("components", Part::Text("1")), ("components", Part::Text("2"))])
         => BAD_REQUEST, "invalid_request", ["`components`", "more than once"];
 
@@ -535,6 +537,8 @@ async fn openapi_documents_are_current_and_state_the_bounds() {
     }
     // The running server's document adds the model's bounds, nothing else.
     let schemas = &served["components"]["schemas"];
+    assert!(schemas["SynthesizeForm"]["properties"]["layout_id"].is_null());
+    assert_eq!(schemas["SynthesizeForm"]["required"], json!(["image"]));
     for name in ["SynthesizeJson", "SynthesizeForm"] {
         let props = &schemas[name]["properties"];
         assert_eq!(props["components"]["maximum"], 16, "{name}: Kmax");

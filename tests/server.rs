@@ -329,6 +329,15 @@ fn bad_serve_options_fail_fast_with_the_culprit_named() {
         &["`log_format`"],
     );
     common::fails_with(&["serve", "--port", "0", "--device", "tpu"], &["`device`"]);
+    common::fails_with(
+        &["serve", "--port", "0", "--max-steps", "0"],
+        &["`max_steps`"],
+    );
+    // Limits the model cannot meet stop the server once its specs are read.
+    common::fails_with(
+        &["serve", "--port", "0", "--max-side", "8"],
+        &["`max_side`", "size multiple 16"],
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

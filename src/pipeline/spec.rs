@@ -89,6 +89,8 @@ pub struct SynthesisSpec {
     /// Kmax (= the ControlNet's conditioning channels).
     pub max_components: usize,
     pub scheduler_config: serde_json::Value,
+    /// The scheduler config's full name, for errors.
+    pub scheduler_file: String,
 }
 
 impl SynthesisSpec {
@@ -124,6 +126,7 @@ impl SynthesisSpec {
             latent_channels: vae.latent_channels,
             max_components: kmax,
             scheduler_config,
+            scheduler_file: src.path(SCHEDULER_CONFIG),
         })
     }
 
@@ -143,7 +146,7 @@ impl SynthesisSpec {
         kind: SchedulerKind,
         steps: usize,
     ) -> Result<Box<dyn schedulers::Scheduler>> {
-        schedulers::build(kind, &self.scheduler_config, steps, SCHEDULER_CONFIG)
+        schedulers::build(kind, &self.scheduler_config, steps, &self.scheduler_file)
     }
 
     /// The most steps, at most `limit`, that every scheduler accepts with this

@@ -66,6 +66,7 @@ pub struct Fields {
     map: Map<String, Value>,
     /// Multipart: the `image` part's bytes.
     file_image: Option<Bytes>,
+    multipart: bool,
     types: &'static HashMap<String, FieldType>,
 }
 
@@ -140,6 +141,7 @@ impl Fields {
             Value::Object(map) => Ok(Self {
                 map,
                 file_image: None,
+                multipart: false,
                 types,
             }),
             _ => Err(Error::request("body", "must be a JSON object").into()),
@@ -185,6 +187,7 @@ impl Fields {
         Ok(Self {
             map,
             file_image,
+            multipart: true,
             types,
         })
     }
@@ -196,6 +199,11 @@ impl Fields {
             Some(Value::String(s)) => Ok(Some(s)),
             Some(v) => Err(Error::request(name, format!("must be a string, got {v}")).into()),
         }
+    }
+
+    /// Whether the body was multipart/form-data.
+    pub fn is_multipart(&self) -> bool {
+        self.multipart
     }
 
     /// Take the guide image out: the multipart file part, else the base64

@@ -365,3 +365,45 @@ fn fail_all(jobs: Vec<Job>, e: &Error) {
         let _ = job.reply.send(Err(e.clone()));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::queue::Queue;
+    use image::RgbImage;
+
+    #[test]
+    fn every_job_of_a_failed_batch_learns_the_real_cause() {
+        let queue = Queue::new(4);
+        let mut replies = Vec::new();
+        let jobs: Vec<Job> = (0..3)
+            .map(|_| {
+                let (tx, rx) = oneshot::channel();
+                replies.push(rx);
+                let guide = crate::pipeline::spec::LayoutSpec {
+                    patch_size: 14,
+                    max_components: 4,
+                    default_components: 4,
+                    settings: Default::default(),
+                }
+                .prepare(&RgbImage::new(28, 28), Some(28))
+                .unwrap();
+                Job {
+                    work: Work::Layout(guide),
+                    reply: tx,
+                    enqueued: Instant::now(),
+                    deadline: Instant::now(),
+                    permit: queue.try_permit().unwrap(),
+                }
+            })
+            .collect();
+        let cause = Error::io("/models/unet/x.safetensors", std::io::Error::other("EIO"));
+        fail_all(jobs, &cause);
+        for mut rx in replies {
+            match rx.try_recv() {
+                Ok(Err(e @ Error::Io { .. })) => assert_eq!(e.to_string(), cause.to_string()),
+                other => panic!("expected the I/O error, got {:?}", other.map(|r| r.err())),
+            }
+        }
+    }
+}

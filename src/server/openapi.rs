@@ -180,7 +180,7 @@ fn request_body(base: &Value, json: bool, synthesis: bool, rules: &[FieldRule]) 
         "description": base["description"],
         "additionalProperties": false,
     });
-    if synthesis {
+    if synthesis && json {
         props.insert(
             "layout_id".into(),
             json!({
@@ -189,26 +189,18 @@ fn request_body(base: &Value, json: bool, synthesis: bool, rules: &[FieldRule]) 
                 "description": "A `layout_id` returned by `POST /layout` (or in an earlier synthesis' parameters) instead of an image.",
             }),
         );
-        // Exactly one of image and layout_id; layout_size only with an image.
-        // In JSON a field is given when present and not null; in multipart,
-        // when its part is present.
-        let given = |field: &str, t: &str| {
-            if json {
-                json!({"required": [field], "properties": {field: {"type": t}}})
-            } else {
-                json!({"required": [field]})
-            }
-        };
+        // Exactly one of image and layout_id (given: present and not null);
+        // layout_size only with an image.
+        let given =
+            |field: &str, t: &str| json!({"required": [field], "properties": {field: {"type": t}}});
         schema["oneOf"] = json!([given("image", "string"), given("layout_id", "string")]);
-        schema["not"] = if json {
-            json!({
-                "required": ["layout_id", "layout_size"],
-                "properties": {"layout_id": {"type": "string"}, "layout_size": {"type": "integer"}},
-            })
-        } else {
-            json!({"required": ["layout_id", "layout_size"]})
-        };
+        schema["not"] = json!({
+            "required": ["layout_id", "layout_size"],
+            "properties": {"layout_id": {"type": "string"}, "layout_size": {"type": "integer"}},
+        });
     } else {
+        // A layout alone, or a multipart request, uploads its guide image.
+        // (A multipart body has no layout_id: JSON carries it.)
         schema["required"] = json!(["image"]);
         if json {
             props["image"]["type"] = json!("string");

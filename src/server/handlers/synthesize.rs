@@ -30,7 +30,7 @@ static TYPES: OnceLock<HashMap<String, FieldType>> = OnceLock::new();
     path = "/synthesize",
     tag = "lumen",
     request_body(
-        description = "A guide image or a layout_id, and the generation parameters",
+        description = "JSON: a base64 guide `image` or a `layout_id`, and the generation parameters. Multipart: a guide image file `image` and the parameters as text parts.",
         content(
             (SynthesisRequest = "application/json"),
             (SynthesisRequest = "multipart/form-data"),
@@ -64,6 +64,14 @@ pub async fn synthesize(State(state): State<Arc<AppState>>, req: Request) -> Api
     let mut fields = Fields::read(&state, req, types).await?;
     let image = fields.take_image()?;
     let layout_id = fields.take_str("layout_id")?;
+    if layout_id.is_some() && fields.is_multipart() {
+        // A multipart request uploads its guide; the document says so too.
+        return Err(Error::request(
+            "layout_id",
+            "a multipart request uploads its guide image; send a layout_id in a JSON body",
+        )
+        .into());
+    }
     let mut request: SynthesisRequest = fields.parse()?;
     if request.format.is_none() {
         request.format = Some(accept.default_format().name().into());
