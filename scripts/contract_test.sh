@@ -29,7 +29,7 @@ fi
 
 LOG="$OUT/server.log"
 "$LUMEN" serve --host 127.0.0.1 --port 0 --log-format json \
-    --max-steps 8 --max-side 128 --max-images 2 --max-layout-size 518 \
+    --max-steps 4 --max-side 64 --max-images 2 --max-layout-size 256 \
     --max-queue 64 --request-timeout-s 120 >"$LOG" 2>&1 &
 SERVER=$!
 trap 'kill -TERM $SERVER 2>/dev/null || true; wait $SERVER 2>/dev/null || true' EXIT
@@ -63,6 +63,8 @@ ELAPSED=$(( $(date +%s) - START ))
 
 SERVER_ERRORS=$(( $(count_5xx) - ERRORS_BEFORE ))
 REQUESTS=$(curl -sf "$BASE/metrics" | awk '/^lumen_http_requests_total/ {s += $NF} END {print s + 0}')
+echo "requests by endpoint and status (whole run):"
+curl -sf "$BASE/metrics" | sed -n 's/^lumen_http_requests_total{\(.*\)} \([0-9]*\)$/  \1 \2/p' | sort
 kill -TERM $SERVER
 wait $SERVER || { echo "lumen serve did not exit cleanly" >&2; STATUS=1; }
 trap - EXIT
