@@ -399,3 +399,48 @@ async fn bodies_over_the_limit_get_413_while_the_client_sends_and_the_server_kee
         .iter()
         .any(|l| l.contains("panicked")));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_that_vanishes_mid_synthesis_frees_the_engine() {
+    let srv = Server::start(&[]).await;
+    let dropped = |m: &str| metric_sum(m, "lumen_queue_dropped_total{reason=\"disconnected\"}");
+    let before = dropped(&srv.metrics().await);
+    // About a minute of work, abandoned after one second: the client closes
+    // its connection, the handler is dropped, the batch stops at the next step.
+    let long = synth_body(json!({
+        "image": b64(&guide_bytes()), "steps": 999, "width": 512, "height": 512
+    }));
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let r = impatient
+        .post(srv.url("/synthesize"))
+        .json(&long)
+        .send()
+        .await;
+    assert!(r.is_err(), "the client gave up");
+    let t = Instant::now();
+    loop {
+        let m = srv.metrics().await;
+        if dropped(&m) > before && metric_sum(&m, "lumen_queue_in_flight") == 0.0 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "the engine still works for a client that has gone"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let t = Instant::now();
+    let (status, _) = json_of(
+        srv.post_json(
+            "/synthesize",
+            &synth_body(json!({"image": b64(&guide_bytes())})),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(t.elapsed() < Duration::from_secs(10));
+}
