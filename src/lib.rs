@@ -17,9 +17,11 @@
 pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod dataset;
 pub mod error;
 pub mod fetch;
 pub mod guide;
+pub mod jobs;
 pub mod model_folder;
 pub mod models;
 pub mod pipeline;

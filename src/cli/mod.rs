@@ -5,6 +5,7 @@
 
 mod commands;
 mod layout;
+mod layouts;
 mod synthesize;
 
 use std::path::{Path, PathBuf};
@@ -37,6 +38,8 @@ pub enum Command {
     Layout(LayoutArgs),
     /// Fit a PCA basis over the patch tokens of a folder of images.
     FitPca(FitPcaArgs),
+    /// Export the Kmax-channel layouts of an image folder as training data (resumable).
+    Layouts(layouts::LayoutsArgs),
     /// Generate images with the layout of a guide image.
     Synthesize(SynthesizeArgs),
     /// Assemble a model folder from Hugging Face Hub repositories.
@@ -79,6 +82,7 @@ impl Cli {
             }
             Command::Layout(a) => layout::run_layout(a),
             Command::FitPca(a) => layout::run_fit_pca(a),
+            Command::Layouts(a) => layouts::run(a),
             Command::Synthesize(a) => synthesize::run(a),
             Command::Bench(c) => commands::bench(c),
         }

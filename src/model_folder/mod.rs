@@ -151,6 +151,55 @@ impl ModelSource {
         Ok(Weights::new(vb, file))
     }
 
+    /// The files of one component's weights, relative to the folder:
+    /// `dir/stem.safetensors`, or the index and the shards it lists.
+    pub fn weight_files(&self, dir: &str, stem: &str) -> Result<Vec<String>> {
+        let single = format!("{dir}/{stem}.safetensors");
+        let index = format!("{dir}/{stem}.safetensors.index.json");
+        if self.has(&single) {
+            return Ok(vec![single]);
+        }
+        if !self.has(&index) {
+            return Err(self.missing(&single));
+        }
+        let idx: ShardIndex = self.read_json(&index)?;
+        let mut shards: Vec<String> = idx.weight_map.into_values().collect();
+        shards.sort();
+        shards.dedup();
+        let mut files = vec![index];
+        files.extend(shards.into_iter().map(|s| format!("{dir}/{s}")));
+        Ok(files)
+    }
+
+    /// sha256 (hex) over the contents of `files` (relative to the folder), in
+    /// order: the identity of a component whatever the folder is called.
+    pub fn sha256(&self, files: &[String]) -> Result<String> {
+        use sha2::{Digest, Sha256};
+        use std::io::Read;
+        let mut h = Sha256::new();
+        for rel in files {
+            match self {
+                ModelSource::Dir(d) => {
+                    let path = d.join(rel);
+                    let mut f = std::fs::File::open(&path)
+                        .map_err(|e| Error::model_file(self.path(rel), e))?;
+                    let mut buf = vec![0u8; 1 << 20];
+                    loop {
+                        let n = f
+                            .read(&mut buf)
+                            .map_err(|e| Error::model_file(self.path(rel), e))?;
+                        if n == 0 {
+                            break;
+                        }
+                        h.update(&buf[..n]);
+                    }
+                }
+                ModelSource::Embedded => h.update(self.read(rel)?),
+            }
+        }
+        Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    }
+
     fn missing(&self, rel: &str) -> Error {
         Error::model_file(self.path(rel), "file is missing")
     }

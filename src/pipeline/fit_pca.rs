@@ -224,7 +224,7 @@ pub fn fit_pca(
             }
         }
         let refs: Vec<&PreparedGuide> = prepared.iter().collect();
-        for tokens in encode_guides(encoder, &refs)? {
+        for tokens in encode_guides(encoder, &refs, MAX_ENCODER_BATCH)? {
             acc.add(&tokens)?;
         }
         report.images += prepared.len();

@@ -66,7 +66,7 @@ impl LayoutModel {
 
     /// Patch tokens `[rows·cols, D]` for each guide (see [`encode_guides`]).
     pub fn encode(&self, guides: &[&PreparedGuide]) -> Result<Vec<Tensor>> {
-        encode_guides(&self.encoder, guides)
+        encode_guides(&self.encoder, guides, MAX_ENCODER_BATCH)
     }
 
     /// Project patch tokens onto the top `k` components: `[k, rows, cols]` on the host.
@@ -86,11 +86,20 @@ impl LayoutModel {
 
     /// Layouts for several guides, each with its own K, encoded in batches.
     pub fn layouts(&self, guides: &[(&PreparedGuide, usize)]) -> Result<Vec<Layout>> {
+        self.layouts_batched(guides, MAX_ENCODER_BATCH)
+    }
+
+    /// [`Self::layouts`] with at most `max_batch` images per encoder call.
+    pub fn layouts_batched(
+        &self,
+        guides: &[(&PreparedGuide, usize)],
+        max_batch: usize,
+    ) -> Result<Vec<Layout>> {
         for (_, k) in guides {
             self.pca.check_components(*k)?;
         }
         let refs: Vec<&PreparedGuide> = guides.iter().map(|(g, _)| *g).collect();
-        let tokens = self.encode(&refs)?;
+        let tokens = encode_guides(&self.encoder, &refs, max_batch)?;
         tokens
             .iter()
             .zip(guides)
@@ -123,15 +132,20 @@ pub(crate) fn prepare_pixels(
 }
 
 /// Patch tokens `[rows·cols, D]` for each guide. Guides with the same input
-/// size run through the encoder together, up to [`MAX_ENCODER_BATCH`] at a time.
-pub fn encode_guides(encoder: &Dinov2, guides: &[&PreparedGuide]) -> Result<Vec<Tensor>> {
+/// size run through the encoder together, up to `max_batch` at a time.
+pub fn encode_guides(
+    encoder: &Dinov2,
+    guides: &[&PreparedGuide],
+    max_batch: usize,
+) -> Result<Vec<Tensor>> {
+    let max_batch = max_batch.max(1);
     let mut out: Vec<Option<Tensor>> = vec![None; guides.len()];
     let mut groups: Vec<(&[usize], Vec<usize>)> = Vec::new();
     for (i, g) in guides.iter().enumerate() {
         let dims = g.pixels.dims();
         match groups
             .iter_mut()
-            .find(|(d, idx)| *d == dims && idx.len() < MAX_ENCODER_BATCH)
+            .find(|(d, idx)| *d == dims && idx.len() < max_batch)
         {
             Some((_, idx)) => idx.push(i),
             None => groups.push((dims, vec![i])),
