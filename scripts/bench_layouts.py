@@ -38,7 +38,7 @@ from safetensors.torch import load_file, save_file
 from transformers import Dinov2Model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_layout  # noqa: E402  (the cached DINOv2-L folder)
+import bench_layout  # the cached DINOv2-L folder
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGES = ROOT / "scripts/.cache/bench-layouts-images"
