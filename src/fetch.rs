@@ -8,7 +8,8 @@
 //! Layout of the result: `encoder/` from the DINOv2 repo, `unet/`, `vae/`,
 //! `text_encoder/`, `tokenizer/`, `scheduler/` from the SD1.5-style repo,
 //! `controlnet/` from the ControlNet repo or local folder (plus its
-//! `pca.safetensors` and `lumen.json` when it ships them).
+//! `pca.safetensors` and `lumen.json` when it ships them). Without a
+//! ControlNet the folder is a base for training one (`lumen-train`).
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -25,8 +26,8 @@ pub struct FetchOptions {
     pub out: PathBuf,
     pub encoder: String,
     pub diffusion: String,
-    /// A Hub repo id or a local folder.
-    pub controlnet: String,
+    /// A Hub repo id or a local folder; none for a training base.
+    pub controlnet: Option<String>,
     /// A local `pca.safetensors` to copy (else the ControlNet source's, if any).
     pub pca: Option<PathBuf>,
     pub revision: String,
@@ -212,20 +213,22 @@ pub fn fetch(opts: &FetchOptions) -> Result<FetchReport> {
     }
 
     // The ControlNet: a Hub repo or a local folder.
-    let local = Path::new(&opts.controlnet);
-    let cn = if local.is_dir() {
-        Source::Local(local.to_path_buf())
-    } else {
-        Source::hub(&api, &opts.controlnet, &opts.revision)?
-    };
-    let mut files = vec!["config.json".to_string()];
-    files.extend(cn.weight_files("", "diffusion_pytorch_model")?);
-    for f in files {
-        place(&cn, &f, &opts.out, &format!("controlnet/{f}"), &mut report)?;
-    }
-    for f in ["lumen.json", "pca.safetensors"] {
-        if cn.has(f) {
-            place(&cn, f, &opts.out, f, &mut report)?;
+    if let Some(controlnet) = &opts.controlnet {
+        let local = Path::new(controlnet);
+        let cn = if local.is_dir() {
+            Source::Local(local.to_path_buf())
+        } else {
+            Source::hub(&api, controlnet, &opts.revision)?
+        };
+        let mut files = vec!["config.json".to_string()];
+        files.extend(cn.weight_files("", "diffusion_pytorch_model")?);
+        for f in files {
+            place(&cn, &f, &opts.out, &format!("controlnet/{f}"), &mut report)?;
+        }
+        for f in ["lumen.json", "pca.safetensors"] {
+            if cn.has(f) {
+                place(&cn, f, &opts.out, f, &mut report)?;
+            }
         }
     }
     if let Some(pca) = &opts.pca {

@@ -347,3 +347,64 @@ fn fetch_with_a_local_controlnet_and_no_basis_asks_for_fit_pca() {
         "{err}"
     );
 }
+
+#[test]
+fn fetch_without_a_controlnet_makes_a_training_base() {
+    let hub = Arc::new(standard_hub(None));
+    let endpoint = start_hub(hub);
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("base");
+    let o = fetch_cmd(
+        &endpoint,
+        &tmp.path().join("home"),
+        &[
+            "--out",
+            s(&out),
+            "--pca",
+            s(&root().join("models/tiny/pca.safetensors")),
+        ],
+    )
+    .output()
+    .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        stdout.contains("no ControlNet") && stdout.contains("Train your own"),
+        "{stdout}"
+    );
+    for part in [
+        "encoder",
+        "unet",
+        "vae",
+        "text_encoder",
+        "tokenizer",
+        "scheduler",
+    ] {
+        assert!(out.join(part).is_dir(), "{part}");
+    }
+    assert!(!out.join("controlnet").exists());
+    // Layouts work on it; synthesis names the missing part.
+    let png = tmp.path().join("layout.png");
+    let guide = root().join("tests/fixtures/images/tiny-street.png");
+    common::ok(&[
+        "layout",
+        "--models",
+        s(&out),
+        "--image",
+        s(&guide),
+        "--out",
+        s(&png),
+    ]);
+    common::fails_with(
+        &[
+            "synthesize",
+            "--models",
+            s(&out),
+            "--image",
+            s(&guide),
+            "--out",
+            s(&png),
+        ],
+        &["controlnet"],
+    );
+}

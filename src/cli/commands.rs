@@ -42,8 +42,9 @@ pub struct FetchArgs {
     diffusion: String,
     /// The LUMEN ControlNet: a Hub repository or a local folder (config.json +
     /// diffusion_pytorch_model.safetensors, optionally pca.safetensors and lumen.json).
+    /// Without it the folder is a base to train one on (lumen-train).
     #[arg(long, env = "LUMEN_CONTROLNET")]
-    controlnet: String,
+    controlnet: Option<String>,
     /// A PCA basis (pca.safetensors) to copy into the folder.
     #[arg(long, env = "LUMEN_PCA")]
     pca: Option<PathBuf>,
@@ -70,6 +71,11 @@ pub fn fetch(a: FetchArgs) -> Result<()> {
         progress: !a.quiet,
     })?;
     println!("wrote {} files to {}", report.files.len(), a.out.display());
+    if !a.out.join("controlnet").is_dir() {
+        println!(
+            "no ControlNet: this folder is a base to train one on your images (README: Train your own)"
+        );
+    }
     if !report.has_pca {
         println!(
             "no PCA basis yet: fit one on images like yours with\n  lumen fit-pca --models {0} --images DIR --components K --out {0}/pca.safetensors\n\

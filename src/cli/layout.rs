@@ -32,6 +32,24 @@ pub struct LayoutArgs {
     /// Output: .safetensors (tensor `layout`, f32 [K,h,w]) or .png (preview of the first three components).
     #[arg(long, short = 'o', env = "LUMEN_OUT")]
     out: PathBuf,
+    /// Also write tensor `conditioning` (f32 [Kmax, H, W]): what the ControlNet
+    /// gets for this layout at an output of WIDTHxHEIGHT (.safetensors only).
+    #[arg(long, env = "LUMEN_CONDITIONING", value_name = "WIDTHxHEIGHT")]
+    conditioning: Option<String>,
+}
+
+/// `WIDTHxHEIGHT` → (width, height), both positive.
+fn parse_size(s: &str) -> Result<(u32, u32)> {
+    let bad = || Error::param("conditioning", format!("`{s}` is not WIDTHxHEIGHT"));
+    let (w, h) = s.split_once('x').ok_or_else(bad)?;
+    let (w, h) = (
+        w.trim().parse::<u32>().map_err(|_| bad())?,
+        h.trim().parse::<u32>().map_err(|_| bad())?,
+    );
+    if w == 0 || h == 0 || w > 8192 || h > 8192 {
+        return Err(bad());
+    }
+    Ok((w, h))
 }
 
 #[derive(Args)]
@@ -60,6 +78,13 @@ pub struct FitPcaArgs {
 
 pub fn run_layout(a: LayoutArgs) -> Result<()> {
     let ext = check_extension(&a.out, &["safetensors", "png"])?;
+    let conditioning = a.conditioning.as_deref().map(parse_size).transpose()?;
+    if conditioning.is_some() && ext != "safetensors" {
+        return Err(Error::param(
+            "conditioning",
+            "is written into a .safetensors output",
+        ));
+    }
     let device = parse_device(&a.model.device)?;
     let src = ModelSource::from_arg(a.model.models);
     let request = LayoutRequest {
@@ -82,7 +107,14 @@ pub fn run_layout(a: LayoutArgs) -> Result<()> {
             .save(&a.out)
             .map_err(|e| Error::io(&a.out, std::io::Error::other(e)))?;
     } else {
-        layout.save_safetensors(&a.out)?;
+        let mut tensors = vec![("layout".to_string(), layout.data.clone())];
+        if let Some((w, h)) = conditioning {
+            let kmax = model.spec().max_components;
+            tensors.push(("conditioning".into(), layout.conditioning(kmax, w, h)?));
+        }
+        let map = tensors.into_iter().collect();
+        candle_core::safetensors::save(&map, &a.out)
+            .map_err(|e| Error::io(&a.out, std::io::Error::other(e.to_string())))?;
     }
     println!(
         "wrote layout K={k} grid {}x{} to {}",

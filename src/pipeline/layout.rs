@@ -181,6 +181,32 @@ impl Layout {
         })
     }
 
+    /// The ControlNet input for this layout at `width × height`: its K
+    /// channels zero-padded to `kmax` and upsampled bilinearly
+    /// (align_corners = false), `[kmax, height, width]` f32 on the host. The
+    /// trainer builds the same tensor (tested against `lumen layout
+    /// --conditioning`).
+    pub fn conditioning(&self, kmax: usize, width: u32, height: u32) -> Result<Tensor> {
+        let (k, gh, gw) = self.data.dims3()?;
+        if k > kmax {
+            return Err(Error::param(
+                "components",
+                format!("{k} is more than the {kmax} conditioning channels"),
+            ));
+        }
+        let data = self.data.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+        let padded = if k < kmax {
+            let zeros = Tensor::zeros((kmax - k, gh, gw), DType::F32, &Device::Cpu)?;
+            Tensor::cat(&[&data, &zeros], 0)?
+        } else {
+            data
+        };
+        Ok(padded
+            .unsqueeze(0)?
+            .upsample_bilinear2d(height as usize, width as usize, false)?
+            .squeeze(0)?)
+    }
+
     /// The layout as safetensors bytes with one tensor, `layout` (f32 [K, h, w]).
     pub fn to_safetensors(&self) -> Result<Vec<u8>> {
         let data = self.data.to_device(&Device::Cpu)?.contiguous()?;

@@ -203,22 +203,14 @@ impl SynthesisModel {
         Ok(Tensor::from_vec(data, &shape[..], &Device::Cpu)?)
     }
 
-    /// The ControlNet input for a layout: K channels zero-padded to Kmax and
-    /// upsampled bilinearly (align_corners = false) to `height × width`.
+    /// The ControlNet input for a layout (see [`Layout::conditioning`]), on
+    /// this model's device and in its dtype.
     pub fn conditioning(&self, layout: &Layout, width: u32, height: u32) -> Result<Tensor> {
-        let kmax = self.controlnet.conditioning_channels;
-        let (k, gh, gw) = layout.data.dims3()?;
-        let padded = if k < kmax {
-            let zeros = Tensor::zeros((kmax - k, gh, gw), DType::F32, &Device::Cpu)?;
-            Tensor::cat(&[&layout.data.to_device(&Device::Cpu)?, &zeros], 0)?
-        } else {
-            layout.data.to_device(&Device::Cpu)?
-        };
-        let up =
-            padded
-                .unsqueeze(0)?
-                .upsample_bilinear2d(height as usize, width as usize, false)?;
-        Ok(up.to_device(&self.device)?.to_dtype(self.dtype)?)
+        let cond = layout.conditioning(self.controlnet.conditioning_channels, width, height)?;
+        Ok(cond
+            .unsqueeze(0)?
+            .to_device(&self.device)?
+            .to_dtype(self.dtype)?)
     }
 
     /// Text embeddings `[2, L, D]` (negative, positive) or `[1, L, D]` (positive only).

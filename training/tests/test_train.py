@@ -1,0 +1,158 @@
+"""Training: it learns (one small batch overfits), it resumes exactly, it runs
+as two processes that agree, and its bad inputs are named."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+from conftest import TINY, base_args, summaries, train
+from diffusers import ControlNetModel
+
+from lumen_train.data import KSampler, LayoutsExport, Samples
+from lumen_train.train import Frozen, loss_of, weights_sha256
+
+
+def fixed_loss(frozen: Frozen, net: ControlNetModel, samples: Samples, indices: list[int]) -> float:
+    """Mean loss over fixed (noise, timestep) draws: comparable across models."""
+    batch = samples.batch(indices, 0, frozen.tokenize)
+    with torch.no_grad():
+        return (
+            sum(float(loss_of(frozen, net, batch, torch.Generator().manual_seed(s))) for s in range(16)) / 16
+        )
+
+
+def test_one_small_batch_overfits(images, layouts, tmp_path):
+    # A one-sample export: every step sees the same image at full K.
+    out = tmp_path / "out"
+    args = base_args(
+        images,
+        layouts,
+        out,
+        max_steps=150,
+        lr=5e-3,
+        k_distribution="full",
+        caption_dropout=0,
+        batch_size=1,
+        log_every=50,
+    )
+    one = tmp_path / "one"
+    export = LayoutsExport(layouts)
+    one.mkdir()
+    (one / "dataset.json").write_text((layouts / "dataset.json").read_text())
+    first = (layouts / "index.jsonl").read_text().splitlines()[0]
+    (one / "index.jsonl").write_text(first + "\n")
+    shard = json.loads(first)["shard"]
+    (one / shard).symlink_to(layouts / shard)
+    args[args.index("--data") + 1] = str(one)
+    summary = summaries(train(args).stdout)[0]
+
+    frozen = Frozen(TINY, torch.device("cpu"))
+    samples = Samples(LayoutsExport(one), images, 64, frozen.multiple, KSampler(export.kmax, "full"), 0.0, 0)
+    start = ControlNetModel.from_unet(frozen.unet, conditioning_channels=export.kmax)
+    trained = ControlNetModel.from_pretrained(out / "controlnet")
+    before = fixed_loss(frozen, start, samples, [0])
+    after = fixed_loss(frozen, trained, samples, [0])
+    print(f"fixed-draw loss {before:.4f} -> {after:.4f} ({after / before:.3f}); {summary}")
+    # The frozen UNet is random, so the ControlNet can only take away its
+    # error: the loss falls to about the noise variance (1.0), not to zero.
+    # Measured: 1.19 -> 1.01 (0.85) here, 1.30 -> 0.99 on another guide.
+    assert after <= 0.9 * before and after <= 1.05, (before, after)
+    assert weights_sha256(trained) == summary["weights_sha256"]
+
+
+def test_resume_reproduces_the_uninterrupted_run(images, layouts, tmp_path):
+    whole = summaries(
+        train(
+            base_args(images, layouts, tmp_path / "a", max_steps=6, checkpoint_every=3, grad_accum=2)
+        ).stdout
+    )[0]
+    cut = tmp_path / "b"
+    train(base_args(images, layouts, cut, max_steps=3, checkpoint_every=3, grad_accum=2))
+    assert json.loads((cut / "checkpoints/step-000003/train_state.json").read_text())["step"] == 3
+    resumed = summaries(
+        train(
+            base_args(images, layouts, cut, max_steps=6, checkpoint_every=3, grad_accum=2, resume=True)
+        ).stdout
+    )[0]
+    assert resumed["steps_this_run"] == 3
+    assert resumed["weights_sha256"] == whole["weights_sha256"]
+    # A half-written checkpoint is never picked up.
+    (cut / "checkpoints/step-000009.tmp").mkdir()
+    again = summaries(
+        train(
+            base_args(images, layouts, cut, max_steps=6, checkpoint_every=3, grad_accum=2, resume=True)
+        ).stdout
+    )[0]
+    assert again["steps_this_run"] == 0 and again["weights_sha256"] == whole["weights_sha256"]
+
+
+def test_two_processes_finish_and_agree(images, layouts, tmp_path):
+    out = tmp_path / "ddp"
+    launcher = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
+    run = train(
+        base_args(images, layouts, out, max_steps=4, checkpoint_every=2),
+        launcher=launcher,
+        env={"ACCELERATE_USE_CPU": "true"},
+    )
+    ranks = [json.loads((out / f"logs/rank-{r}.json").read_text()) for r in (0, 1)]
+    assert [r["processes"] for r in ranks] == [2, 2], run.stdout
+    assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"]
+    assert ranks[0]["first_loss"] != ranks[1]["first_loss"], "each process trains on its own batches"
+    assert (out / "controlnet/config.json").is_file()
+
+
+def test_bad_inputs_are_named(images, layouts, tmp_path):
+    import subprocess
+
+    def fails(args, needle):
+        out = subprocess.run(
+            [sys.executable, "-m", "lumen_train", "controlnet", *map(str, args)],
+            capture_output=True,
+            text=True,
+        )
+        assert out.returncode != 0 and needle in out.stderr, out.stderr[-2000:]
+        assert "Traceback" not in out.stderr, out.stderr[-2000:]
+
+    fails(base_args(images, tmp_path / "nothing", tmp_path / "o"), "dataset.json")
+    other = tmp_path / "models"
+    other.mkdir()
+    for part in TINY.iterdir():
+        (other / part.name).symlink_to(part)
+    (other / "pca.safetensors").unlink()
+    (other / "pca.safetensors").write_bytes((TINY / "pca.safetensors").read_bytes()[:-1] + b"\0")
+    args = base_args(images, layouts, tmp_path / "o")
+    args[args.index("--models") + 1] = str(other)
+    fails(args, "another PCA basis")
+    fails(base_args(images, layouts, tmp_path / "o", batch_size=0), "--batch-size")
+
+
+def test_validation_grids_show_guides_at_several_k(images, layouts, tmp_path):
+    from PIL import Image
+
+    from lumen_train.validate import GUIDES, ks_for
+
+    out = tmp_path / "v"
+    train(base_args(images, layouts, out, max_steps=2, validate_every=2, validation_steps=2))
+    grid = Image.open(out / "validation/step-000002.png")
+    export = LayoutsExport(layouts)
+    samples = Samples(export, images, 64, 16, KSampler(export.kmax), 0.0, 0)
+    widths = [samples.sizes[i][0] for i in range(GUIDES)]
+    heights = [samples.sizes[i][1] for i in range(GUIDES)]
+    cells = 1 + len(ks_for(export.kmax))
+    assert grid.size == (max(widths) * cells, sum(heights))
+    assert ks_for(16) == [1, 4, 8, 16]
