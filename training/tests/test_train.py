@@ -156,3 +156,19 @@ def test_validation_grids_show_guides_at_several_k(images, layouts, tmp_path):
     cells = 1 + len(ks_for(export.kmax))
     assert grid.size == (max(widths) * cells, sum(heights))
     assert ks_for(16) == [1, 4, 8, 16]
+
+
+def test_mixed_precision_and_gradient_checkpointing_train_and_export(images, layouts, tmp_path):
+    # Frozen parts in half precision, the ControlNet in float32 (its inputs
+    # follow its weights); checkpointing recomputes activations and must not
+    # change the result.
+    runs = {}
+    for mp in ("fp16", "bf16"):
+        for gc in (False, True):
+            out = tmp_path / f"{mp}-{gc}"
+            args = base_args(images, layouts, out, max_steps=3, mixed_precision=mp, gradient_checkpointing=gc)
+            runs[mp, gc] = summaries(train(args).stdout)[0]
+            assert (out / "controlnet/config.json").is_file()
+    for mp in ("fp16", "bf16"):
+        assert runs[mp, False]["weights_sha256"] == runs[mp, True]["weights_sha256"]
+    assert all(0.1 < run["last_loss"] < 10 for run in runs.values())

@@ -115,7 +115,12 @@ def loss_of(frozen: Frozen, controlnet: ControlNetModel, batch: dict, generator:
     noisy = frozen.scheduler.add_noise(latents, noise, t)
     text = frozen.text_encoder(batch["input_ids"].to(device))[0]
     cond = batch["conditioning"].to(device)  # float32, as the trainable ControlNet
-    down, mid = controlnet(noisy, t, encoder_hidden_states=text, controlnet_cond=cond, return_dict=False)
+    # The trainable net keeps float32 weights: its inputs follow them (under
+    # mixed precision accelerate's autocast, where the device has one, picks
+    # the compute dtype; without it, half inputs would meet float32 weights).
+    down, mid = controlnet(
+        noisy.float(), t, encoder_hidden_states=text.float(), controlnet_cond=cond, return_dict=False
+    )
     pred = frozen.unet(
         noisy,
         t,
