@@ -24,6 +24,13 @@ pub struct LumenSettings {
     pub default_components: Option<usize>,
     /// Guide images with more pixels than this are refused (checked from the header).
     pub max_image_pixels: u64,
+    /// Denoising steps when a request names none (default 30).
+    pub default_steps: Option<usize>,
+    /// Longer output side, in pixels, when a request names neither width nor
+    /// height (default 512; rounded up to the model's size multiple).
+    pub default_size: Option<u32>,
+    /// Classifier-free guidance scale when a request names none (default 7.5).
+    pub default_guidance_scale: Option<f64>,
 }
 
 impl Default for LumenSettings {
@@ -32,6 +39,9 @@ impl Default for LumenSettings {
             layout_size: DEFAULT_LAYOUT_SIZE,
             default_components: None,
             max_image_pixels: DEFAULT_MAX_IMAGE_PIXELS,
+            default_steps: None,
+            default_size: None,
+            default_guidance_scale: None,
         }
     }
 }

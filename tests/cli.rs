@@ -349,6 +349,22 @@ fn broken_model_folders_name_the_file_and_the_fault() {
     let m = tiny_copy();
     std::fs::write(m.path().join("lumen.json"), r#"{"layout_sise": 10}"#).unwrap();
     check(m.path(), &["lumen.json", "layout_sise"]);
+
+    for (settings, needle) in [
+        (
+            r#"{"default_steps": 0}"#,
+            "default_steps must be at least 1",
+        ),
+        (r#"{"default_size": 0}"#, "default_size must be at least 1"),
+        (
+            r#"{"default_guidance_scale": 1e9}"#,
+            "default_guidance_scale",
+        ),
+    ] {
+        let m = tiny_copy();
+        std::fs::write(m.path().join("lumen.json"), settings).unwrap();
+        check(m.path(), &["lumen.json", needle]);
+    }
 }
 
 /// Every colour mode and container decodes to the same RGB content.

@@ -14,9 +14,7 @@ use crate::model_folder::ModelSource;
 use crate::pipeline::layout::LayoutModel;
 use crate::pipeline::layout_id::{guide_key, layout_id};
 use crate::pipeline::output::OutputFormat;
-use crate::pipeline::request::limits::{
-    DEFAULT_CONTROL_SCALE, DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_IMAGES, DEFAULT_STEPS,
-};
+use crate::pipeline::request::limits::{DEFAULT_CONTROL_SCALE, DEFAULT_NUM_IMAGES};
 use crate::pipeline::request::{Bounds, GuideInfo, Limits, SynthesisRequest};
 use crate::pipeline::spec::ModelSpecs;
 use crate::pipeline::synthesis::SynthesisModel;
@@ -37,12 +35,12 @@ pub struct SynthesizeArgs {
     /// Number of PCA components K of the layout (1..=Kmax): fewer = more diverse; default from lumen.json.
     #[arg(long, short = 'k', env = "LUMEN_COMPONENTS")]
     components: Option<usize>,
-    /// Denoising steps.
-    #[arg(long, env = "LUMEN_STEPS", default_value_t = DEFAULT_STEPS)]
-    steps: usize,
-    /// Classifier-free guidance scale; at most 1 skips the unconditional pass.
-    #[arg(long, env = "LUMEN_GUIDANCE", default_value_t = DEFAULT_GUIDANCE_SCALE)]
-    guidance: f64,
+    /// Denoising steps; default from lumen.json, else 30.
+    #[arg(long, env = "LUMEN_STEPS")]
+    steps: Option<usize>,
+    /// Classifier-free guidance scale (default: lumen.json, else 7.5); at most 1 skips the unconditional pass.
+    #[arg(long, env = "LUMEN_GUIDANCE")]
+    guidance: Option<f64>,
     /// Weight of the ControlNet's residuals.
     #[arg(long, env = "LUMEN_CONTROL_SCALE", default_value_t = DEFAULT_CONTROL_SCALE)]
     control_scale: f64,
@@ -55,7 +53,7 @@ pub struct SynthesizeArgs {
     /// Number of images.
     #[arg(long, env = "LUMEN_NUM_IMAGES", default_value_t = DEFAULT_NUM_IMAGES)]
     num_images: usize,
-    /// Output width; default: from --height and the guide's aspect, or the guide's aspect with the longer side 512.
+    /// Output width; default: from --height and the guide's aspect, or the guide's aspect with the longer side from lumen.json (else 512).
     #[arg(long, env = "LUMEN_WIDTH")]
     width: Option<u32>,
     /// Output height; default as for --width.
@@ -88,8 +86,8 @@ impl SynthesizeArgs {
             negative_prompt: Some(self.negative_prompt.clone()),
             components: self.components,
             layout_size: self.layout_size,
-            steps: Some(self.steps),
-            guidance_scale: Some(self.guidance),
+            steps: self.steps,
+            guidance_scale: self.guidance,
             control_scale: Some(self.control_scale),
             scheduler: self.scheduler.clone(),
             seed: self.seed,

@@ -49,11 +49,25 @@ impl LayoutSpec {
                 ),
             ));
         }
-        if settings.default_components == Some(0) {
-            return Err(Error::model_file(
-                src.path(LumenSettings::FILE),
-                "default_components must be at least 1",
-            ));
+        for (field, value) in [
+            ("default_components", settings.default_components),
+            ("default_steps", settings.default_steps),
+            ("default_size", settings.default_size.map(|s| s as usize)),
+        ] {
+            if value == Some(0) {
+                return Err(Error::model_file(
+                    src.path(LumenSettings::FILE),
+                    format!("{field} must be at least 1"),
+                ));
+            }
+        }
+        if let Some(g) = settings.default_guidance_scale {
+            if !g.is_finite() || g.abs() > crate::pipeline::request::limits::MAX_ABS_SCALE {
+                return Err(Error::model_file(
+                    src.path(LumenSettings::FILE),
+                    format!("default_guidance_scale {g} is not a finite number within ±1000"),
+                ));
+            }
         }
         let kmax = pca.max_components();
         Ok(Self {

@@ -131,8 +131,14 @@ pub struct Bounds {
     pub layout: LayoutBounds,
     /// Most steps: the limit, or less where a scheduler cannot take it.
     pub max_steps: usize,
-    /// [`DEFAULT_STEPS`], or the most steps when that is fewer.
+    /// `lumen.json`'s `default_steps` (else [`DEFAULT_STEPS`]), or the most
+    /// steps when that is fewer.
     pub default_steps: usize,
+    /// Longer output side when a request names neither width nor height:
+    /// `lumen.json`'s `default_size` (else [`DEFAULT_LONG_SIDE`]).
+    pub default_long_side: u32,
+    /// `lumen.json`'s `default_guidance_scale` (else [`DEFAULT_GUIDANCE_SCALE`]).
+    pub default_guidance_scale: f64,
     /// Output sides are multiples of this.
     pub size_multiple: u32,
     /// Longest output side: the limit rounded down to the size multiple.
@@ -154,12 +160,20 @@ impl Bounds {
             ));
         }
         let max_steps = specs.synthesis.max_steps(limits.max_steps);
+        let settings = &specs.layout.settings;
         Ok(Self {
             limits,
             model: specs.model.clone(),
             layout,
             max_steps,
-            default_steps: DEFAULT_STEPS.min(max_steps),
+            default_steps: settings
+                .default_steps
+                .unwrap_or(DEFAULT_STEPS)
+                .min(max_steps),
+            default_long_side: settings.default_size.unwrap_or(DEFAULT_LONG_SIDE),
+            default_guidance_scale: settings
+                .default_guidance_scale
+                .unwrap_or(DEFAULT_GUIDANCE_SCALE),
             size_multiple: m,
             max_side,
             default_scheduler: specs.synthesis.default_scheduler(),
@@ -239,7 +253,9 @@ pub fn rules(limits: &Limits, bounds: Option<&Bounds>) -> Vec<FieldRule> {
             .default(json!(
                 bounds.map_or(DEFAULT_STEPS.min(max_steps), |b| b.default_steps)
             )),
-        scale.default(json!(DEFAULT_GUIDANCE_SCALE)),
+        scale.default(json!(
+            bounds.map_or(DEFAULT_GUIDANCE_SCALE, |b| b.default_guidance_scale)
+        )),
         FieldRule::new("control_scale")
             .range(-MAX_ABS_SCALE, MAX_ABS_SCALE)
             .default(json!(DEFAULT_CONTROL_SCALE)),

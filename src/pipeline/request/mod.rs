@@ -24,10 +24,7 @@ use crate::pipeline::synthesis::{SynthesisItem, SynthesisSettings};
 pub use limits::{rules, Bounds, FieldRule, LayoutBounds, Limits, DEFAULT_LIMITS};
 pub use parameters::SynthesisParameters;
 
-use limits::{
-    DEFAULT_CONTROL_SCALE, DEFAULT_GUIDANCE_SCALE, DEFAULT_LONG_SIDE, DEFAULT_NUM_IMAGES,
-    MAX_ABS_SCALE,
-};
+use limits::{DEFAULT_CONTROL_SCALE, DEFAULT_NUM_IMAGES, MAX_ABS_SCALE};
 
 /// A synthesis as a caller asks for it; `None` (or JSON `null`) means "the
 /// default". The guide (an image file, an uploaded image, a `layout_id`) is
@@ -46,9 +43,10 @@ pub struct SynthesisRequest {
     /// Longer side, in pixels, of the guide image fed to the encoder (not
     /// with a layout_id, which already has its size). Default: the model's.
     pub layout_size: Option<u32>,
-    /// Denoising steps.
+    /// Denoising steps (default: lumen.json `default_steps`, else 30).
     pub steps: Option<usize>,
-    /// Classifier-free guidance scale; at most 1 skips the unconditional pass.
+    /// Classifier-free guidance scale (default: lumen.json
+    /// `default_guidance_scale`, else 7.5); at most 1 skips the unconditional pass.
     pub guidance_scale: Option<f64>,
     /// Weight of the ControlNet residuals.
     pub control_scale: Option<f64>,
@@ -59,7 +57,8 @@ pub struct SynthesisRequest {
     /// Number of images.
     pub num_images: Option<usize>,
     /// Output width. Default: from the height and the guide's aspect ratio,
-    /// or the guide's aspect with the longer side 512; a derived side is
+    /// or the guide's aspect with the longer side the model's default size
+    /// (lumen.json `default_size`, else 512); a derived side is
     /// rounded to the size multiple and kept within the largest side.
     pub width: Option<u32>,
     /// Output height (default as for width).
@@ -166,7 +165,8 @@ fn check_side(b: &Bounds, name: &str, v: u32) -> Result<u32> {
 
 /// The output size: given sides as they are; a missing side from the other
 /// and the guide's aspect ratio; neither: the guide's aspect with the longer
-/// side [`DEFAULT_LONG_SIDE`]. Derived sides are rounded to the size multiple
+/// side the model's default (`lumen.json` `default_size`, else 512). Derived
+/// sides are rounded to the size multiple
 /// and kept within `m..=max_side`.
 pub fn output_size(
     b: &Bounds,
@@ -182,7 +182,7 @@ pub fn output_size(
         (Some(w), None) => (w, fit(w as f64 * sh / sw)),
         (None, Some(h)) => (fit(h as f64 * sw / sh), h),
         (None, None) => {
-            let long = (DEFAULT_LONG_SIDE.div_ceil(m) * m).min(b.max_side);
+            let long = (b.default_long_side.div_ceil(m) * m).min(b.max_side);
             if sw >= sh {
                 (long, fit(long as f64 * sh / sw))
             } else {
@@ -197,8 +197,9 @@ impl SynthesisRequest {
         self.num_images.unwrap_or(DEFAULT_NUM_IMAGES)
     }
 
-    pub fn guidance_scale(&self) -> f64 {
-        self.guidance_scale.unwrap_or(DEFAULT_GUIDANCE_SCALE)
+    /// The guidance scale: the request's, else the model's default.
+    pub fn guidance_scale(&self, b: &Bounds) -> f64 {
+        self.guidance_scale.unwrap_or(b.default_guidance_scale)
     }
 
     pub fn control_scale(&self) -> f64 {
@@ -223,7 +224,7 @@ impl SynthesisRequest {
         )?;
         in_range("num_images", self.num_images(), 1, b.limits.max_images)?;
         for (name, v) in [
-            ("guidance_scale", self.guidance_scale()),
+            ("guidance_scale", self.guidance_scale(b)),
             ("control_scale", self.control_scale()),
         ] {
             if !v.is_finite() || v.abs() > MAX_ABS_SCALE {
@@ -294,7 +295,7 @@ impl SynthesisRequest {
             layout_size,
             prompt: self.prompt.clone().unwrap_or_default(),
             negative_prompt: self.negative_prompt.clone().unwrap_or_default(),
-            guidance_scale: self.guidance_scale(),
+            guidance_scale: self.guidance_scale(b),
             control_scale: self.control_scale(),
             seed: self.seed.unwrap_or_else(|| rand::random::<u32>() as u64),
             num_images: self.num_images(),

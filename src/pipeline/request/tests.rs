@@ -8,6 +8,8 @@ fn bounds() -> Bounds {
         model: "m".into(),
         max_steps: 999,
         default_steps: limits::DEFAULT_STEPS,
+        default_long_side: limits::DEFAULT_LONG_SIDE,
+        default_guidance_scale: limits::DEFAULT_GUIDANCE_SCALE,
         size_multiple: 16,
         max_side: 2048,
         layout: LayoutBounds {
@@ -35,6 +37,29 @@ fn refused(v: Value, field: &str) {
         Err(Error::InvalidParameter { name, .. }) => assert_eq!(name, field, "{v}"),
         other => panic!("{v}: expected a `{field}` error, got {other:?}"),
     }
+}
+
+#[test]
+fn a_models_defaults_come_from_its_lumen_json() {
+    // What lumen.json's default_steps / default_size / default_guidance_scale set.
+    let b = Bounds {
+        default_steps: 20,
+        default_long_side: 64,
+        default_guidance_scale: 3.0,
+        ..bounds()
+    };
+    let p = request(json!({}))
+        .resolve(&b, &GuideInfo::image((800, 600)))
+        .unwrap();
+    assert_eq!(p.settings.steps, 20);
+    assert_eq!(p.guidance_scale, 3.0);
+    assert_eq!((p.settings.width, p.settings.height), (64, 48));
+    let given = request(json!({"steps": 5, "guidance_scale": 7.5, "height": 32}))
+        .resolve(&b, &GuideInfo::image((800, 600)))
+        .unwrap();
+    assert_eq!(given.settings.steps, 5);
+    assert_eq!(given.guidance_scale, 7.5);
+    assert_eq!((given.settings.width, given.settings.height), (48, 32));
 }
 
 #[test]
