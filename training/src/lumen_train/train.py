@@ -82,8 +82,8 @@ class Frozen:
         self.scheduler = DDPMScheduler.from_pretrained(models / "scheduler")
         self.max_len = min(self.tokenizer.model_max_length, self.text_encoder.config.max_position_embeddings)
         # Output sides are multiples of the VAE factor x the UNet's downsampling.
-        vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        self.multiple = vae_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        self.vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.multiple = self.vae_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
 
     def cast(self, dtype: torch.dtype) -> None:
         """The frozen weights in `dtype` (mixed precision); loaded in float32."""
@@ -101,6 +101,25 @@ class Frozen:
         z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=generator).to(dist.mean)
         shift = self.vae.config.get("shift_factor") or 0.0
         return (z - shift) * self.vae.config.scaling_factor
+
+
+def conditioning_embedding_channels(vae_factor: int) -> tuple[int, ...]:
+    """ControlNet's conditioning embedding downsamples once per entry after the
+    first and must land on the latent grid: diffusers' (16, 32, 96, 256) for
+    SD's factor 8, its first log2(factor) + 1 entries for smaller factors."""
+    downsamples = vae_factor.bit_length() - 1
+    if vae_factor != 1 << downsamples or not 1 <= downsamples <= 3:
+        raise ExportError(f"VAE factor {vae_factor}: the trainer supports 2, 4 and 8")
+    return (16, 32, 96, 256)[: downsamples + 1]
+
+
+def new_controlnet(frozen: Frozen, kmax: int) -> ControlNetModel:
+    """A ControlNet initialised from the frozen UNet, taking Kmax layout channels."""
+    return ControlNetModel.from_unet(
+        frozen.unet,
+        conditioning_channels=kmax,
+        conditioning_embedding_out_channels=conditioning_embedding_channels(frozen.vae_factor),
+    )
 
 
 def loss_of(frozen: Frozen, controlnet: ControlNetModel, batch: dict, generator: torch.Generator):
@@ -178,7 +197,7 @@ def train(o: Options) -> dict:
     plan = Plan(samples, o.batch_size, rank, world)
 
     torch.manual_seed(o.seed)
-    controlnet = ControlNetModel.from_unet(frozen.unet, conditioning_channels=export.kmax)
+    controlnet = new_controlnet(frozen, export.kmax)
     frozen.cast(weight_dtype)
     if o.gradient_checkpointing:
         controlnet.enable_gradient_checkpointing()
