@@ -3,11 +3,11 @@
 # own layer, the runtime stage is debian-slim with the binary and a model folder.
 #
 #   docker build -t lumen .
-#   docker run --rm -p 8080:8080 lumen                          # the tiny model baked in at /models
+#   docker run --rm -p 8080:8080 lumen                          # the shapes model baked in at /models
 #   docker run --rm -p 8080:8080 -v /srv/lumen-model:/models:ro lumen   # a real model folder
 #
 # Build arguments:
-#   MODELS_DIR  model folder (in the build context) baked in at /models; default models/tiny.
+#   MODELS_DIR  model folder (in the build context) baked in at /models; default models/shapes (the embedded one).
 #               A folder mounted at /models at run time replaces it.
 
 ARG RUST_VERSION=1.89
@@ -29,7 +29,7 @@ RUN cargo build --release --locked --bin lumen \
     && install -m 0755 target/release/lumen /usr/local/bin/lumen
 
 FROM debian:${DEBIAN}-slim AS runtime
-ARG MODELS_DIR=models/tiny
+ARG MODELS_DIR=models/shapes
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates curl \
     && rm -rf /var/lib/apt/lists/* \

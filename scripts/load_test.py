@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Bounded load test of `lumen serve` on loopback (standard library only).
 
-Starts the server itself (embedded tiny model unless --models), once per
+Starts the server itself (embedded shapes model unless --models), once per
 batching setting (--max-batch 1 = no batching, and --max-batch N), and at
 each concurrency level sends a fixed number of POST /synthesize requests
 from that many client threads. Reports throughput (requests/s, images/s)
@@ -114,7 +114,7 @@ def run_level(base: str, body: bytes, concurrency: int, requests: int, timeout: 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--binary", default=str(ROOT / "target/release/lumen"))
-    p.add_argument("--models", default=None, help="model folder (default: embedded tiny model)")
+    p.add_argument("--models", default=None, help="model folder (default: the embedded shapes model)")
     p.add_argument("--concurrency", default="1,4,16")
     p.add_argument("--batch", default="1,4", help="--max-batch settings to compare")
     p.add_argument("--requests", type=int, default=64, help="requests per concurrency level")
@@ -129,7 +129,7 @@ def main() -> int:
     image = (ROOT / "tests/fixtures/images/tiny-street.png").read_bytes()
     levels = [int(c) for c in a.concurrency.split(",")]
     batches = [int(b) for b in a.batch.split(",")]
-    report = {"binary": a.binary, "models": a.models or "embedded tiny", "steps": a.steps,
+    report = {"binary": a.binary, "models": a.models or "embedded shapes", "steps": a.steps,
               "size": a.size, "guidance": a.guidance, "max_wait_ms": a.max_wait_ms,
               "cores": os.cpu_count(), "runs": []}
     for mb in batches:

@@ -6,7 +6,7 @@ safetensors, scikit-learn, numpy and pillow from PyPI (see scripts/README.md).
 
 What it writes (paths relative to the repository root):
 
-  models/tiny/                       the embedded default model set
+  models/tiny/                       the random-weight test model set
   tests/fixtures/models/<name>/      further encoder configs for parity tests
   tests/fixtures/images/             deterministic synthetic guide images
   tests/fixtures/images/fit/         the image set the PCA bases are fitted on

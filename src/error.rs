@@ -24,7 +24,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub enum Error {
     /// A model-folder file is missing, unreadable or inconsistent. `file` is
     /// the file's full name as [`crate::model_folder::ModelSource::path`]
-    /// gives it (`DIR/unet/config.json`, `embedded:models/tiny/pca.safetensors`).
+    /// gives it (`DIR/unet/config.json`, `embedded:models/shapes/pca.safetensors`).
     #[error("model file `{file}`: {message}")]
     ModelFile { file: String, message: String },
 

@@ -1,5 +1,5 @@
-//! The HTTP API in-process: the router of a started service (embedded tiny
-//! model) called without TCP. Every bad input is its own test case; the
+//! The HTTP API in-process: the router of a started service (the random
+//! `models/tiny`) called without TCP. Every bad input is its own test case; the
 //! answers that carry numbers are checked against the CLI's.
 
 mod common;

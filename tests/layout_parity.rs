@@ -97,26 +97,21 @@ fn batch_gives_the_same_layout_as_alone() {
 }
 
 #[test]
-fn embedded_model_is_models_tiny() {
-    let dir = load("models/tiny");
+fn embedded_model_is_models_shapes() {
+    let folder = root().join(lumen::model_folder::embedded::DIR);
+    let dir = load(lumen::model_folder::embedded::DIR);
     let emb = LayoutModel::load(&ModelSource::Embedded, &Device::Cpu).unwrap();
-    let (_, case) = cases().into_iter().find(|(n, _)| n == "tiny").unwrap();
-    let g = &case.guides[0];
-    let a = prepared(&dir, &g.image, g.layout_size);
+    let a = prepared(&dir, "tests/fixtures/images/shapes-guide.png", 64);
     let x = dir.layouts(&[(&a, 5)]).unwrap().remove(0);
     let y = emb.layouts(&[(&a, 5)]).unwrap().remove(0);
     assert_eq!(common::to_vec(&x.data), common::to_vec(&y.data));
-    // Every file of models/tiny is compiled in.
-    for entry in walk(&root().join("models/tiny")) {
-        let rel = entry.strip_prefix(root().join("models/tiny")).unwrap();
+    // Every file of the folder is compiled in, byte for byte.
+    for entry in walk(&folder) {
+        let rel = entry.strip_prefix(&folder).unwrap();
         let rel = rel.to_str().unwrap();
-        if rel == "README.md" {
-            continue;
-        }
-        assert!(
-            lumen::model_folder::embedded::file(rel).is_some(),
-            "models/tiny/{rel} is not embedded"
-        );
+        let embedded = lumen::model_folder::embedded::file(rel);
+        assert!(embedded.is_some(), "{rel} is not embedded");
+        assert_eq!(embedded, Some(&std::fs::read(&entry).unwrap()[..]), "{rel}");
     }
 }
 

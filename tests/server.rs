@@ -1,8 +1,8 @@
 //! `lumen serve` over real TCP on loopback, for what needs a real network and
 //! a real process: queue overload, batching of concurrent clients, draining
 //! on SIGTERM, bodies over the limit while the client still sends, startup
-//! options. Each test starts the binary on a free port with the embedded tiny
-//! model. (Request handling itself is tested in-process in `tests/api.rs`.)
+//! options. Each test starts the binary on a free port with the random
+//! `models/tiny`. (Request handling itself is tested in-process in `tests/api.rs`.)
 
 mod common;
 
@@ -36,6 +36,7 @@ impl Server {
             ])
             .args(extra)
             .env("RUST_LOG", "info")
+            .env("LUMEN_MODELS", common::tiny_models())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

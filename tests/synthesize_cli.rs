@@ -1,4 +1,4 @@
-//! `lumen synthesize` end to end on the embedded tiny model: the PNG matches
+//! `lumen synthesize` end to end on the random `models/tiny`: the PNG matches
 //! diffusers' reference, carries its parameters, seeds are batch-invariant,
 //! and bad input is refused with a clear message.
 
@@ -102,7 +102,7 @@ fn png_matches_diffusers_and_carries_parameters() {
     assert_eq!(meta["steps"], case["steps"]);
     assert_eq!(meta["components"], case["components"]);
     assert_eq!(meta["width"], case["width"]);
-    assert_eq!(meta["model"], "embedded:models/tiny");
+    assert_eq!(meta["model"], common::tiny_models());
 }
 
 #[test]

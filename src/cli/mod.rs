@@ -22,7 +22,8 @@ pub use synthesize::SynthesizeArgs;
 ///
 /// A guide image becomes a neural layout (DINOv2 patch features reduced by
 /// PCA to K components). Without --models every command uses the embedded
-/// tiny model, whose weights are random: it proves the wiring only.
+/// shapes model: 64×64 images of coloured circles, squares and triangles on
+/// grey (trained here, see models/README.md); real photos need a real model.
 #[derive(Parser)]
 #[command(name = "lumen", version, about, long_about)]
 pub struct Cli {
@@ -54,7 +55,7 @@ pub enum Command {
 /// The model folder and the device, shared by the commands that load models.
 #[derive(Args)]
 pub struct ModelArgs {
-    /// Model folder (see models/README.md); the embedded tiny model if omitted.
+    /// Model folder (see models/README.md); the embedded shapes model if omitted.
     #[arg(long, env = "LUMEN_MODELS")]
     pub models: Option<PathBuf>,
     /// Device to run on: cpu, cuda or cuda:N.

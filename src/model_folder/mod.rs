@@ -1,5 +1,5 @@
 //! Access to a model folder: where a model set's files come from (a directory
-//! on disk or the tiny set embedded in the binary), its JSON configs and its
+//! on disk or the shapes model embedded in the binary), its JSON configs and its
 //! safetensors checkpoints. The bottom layer: model code reads its files
 //! through this module and nothing else.
 //!
@@ -8,7 +8,7 @@
 //! - [`Weights`]: a checkpoint viewed by key prefix (`w.pp("encoder")`).
 //! - [`DiffusersConfig`]: the one reader of diffusers `config.json` files.
 //! - [`safetensors_io`]: checkpoints read tensor by tensor.
-//! - [`embedded`]: the files of `models/tiny/`, compiled in.
+//! - [`embedded`]: the files of `models/shapes/`, compiled in.
 //!
 //! Layout of a model folder: see `models/README.md`.
 
@@ -36,12 +36,12 @@ pub use weights::{candle_message, Weights};
 pub enum ModelSource {
     /// A model folder on disk.
     Dir(PathBuf),
-    /// The tiny random-weight set from `models/tiny/`, compiled into the binary.
+    /// The trained shapes-world model of `models/shapes/`, compiled into the binary.
     Embedded,
 }
 
 impl ModelSource {
-    /// `--models DIR` if given, else the embedded tiny model.
+    /// `--models DIR` if given, else the embedded shapes model.
     pub fn from_arg(dir: Option<PathBuf>) -> Self {
         match dir {
             Some(d) => ModelSource::Dir(d),
@@ -53,7 +53,7 @@ impl ModelSource {
     pub fn identity(&self) -> String {
         match self {
             ModelSource::Dir(d) => d.display().to_string(),
-            ModelSource::Embedded => "embedded:models/tiny".to_string(),
+            ModelSource::Embedded => format!("embedded:{}", embedded::DIR),
         }
     }
 
@@ -62,7 +62,7 @@ impl ModelSource {
     pub fn path(&self, rel: &str) -> String {
         match self {
             ModelSource::Dir(d) => d.join(rel).display().to_string(),
-            ModelSource::Embedded => format!("embedded:models/tiny/{rel}"),
+            ModelSource::Embedded => format!("embedded:{}/{rel}", embedded::DIR),
         }
     }
 

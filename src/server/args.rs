@@ -8,7 +8,7 @@ use crate::pipeline::request::{Limits, DEFAULT_LIMITS};
 /// Options of `lumen serve` (every flag is also an environment variable).
 #[derive(clap::Args, Clone, Debug)]
 pub struct ServeArgs {
-    /// Model folder (see models/README.md); the embedded tiny model if omitted.
+    /// Model folder (see models/README.md); the embedded shapes model if omitted.
     #[arg(long, env = "LUMEN_MODELS")]
     pub models: Option<PathBuf>,
     /// Address to listen on.

@@ -1,5 +1,4 @@
-//! `lumen serve` in-process: the router of a started service (embedded tiny
-//! model), called with `tower::ServiceExt::oneshot`, no TCP. One service per
+//! `lumen serve` in-process: the router of a started service (`models/tiny`), called with `tower::ServiceExt::oneshot`, no TCP. One service per
 //! test binary runs on its own runtime, shared by every test.
 #![allow(dead_code)]
 
@@ -18,7 +17,8 @@ pub const KEY: &str = "sesame";
 /// Start a service with `lumen serve` flags on a runtime of its own and wait
 /// until it is ready.
 pub fn start(flags: &[&str]) -> Router {
-    let mut argv = vec!["lumen", "serve"];
+    let tiny = super::tiny_models();
+    let mut argv = vec!["lumen", "serve", "--models", &tiny];
     argv.extend_from_slice(flags);
     let cli = lumen::cli::Cli::try_parse_from(argv).expect("serve flags parse");
     let lumen::cli::Command::Serve(args) = cli.command else {

@@ -13,6 +13,11 @@ pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// The random-weight test model, `models/tiny` (the binary embeds another).
+pub fn tiny_models() -> String {
+    root().join("models/tiny").to_string_lossy().into_owned()
+}
+
 #[derive(Debug, Deserialize)]
 pub struct Guide {
     pub name: String,
@@ -84,11 +89,13 @@ pub fn assert_close(what: &str, a: &Tensor, b: &Tensor, rel: f32) {
     );
 }
 
-/// Run the `lumen` binary with `args` (RUST_LOG cleared).
+/// Run the `lumen` binary with `args` (RUST_LOG cleared) on `models/tiny`
+/// unless `args` name other models.
 pub fn lumen(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_lumen"))
         .args(args)
         .env_remove("RUST_LOG")
+        .env("LUMEN_MODELS", tiny_models())
         .output()
         .expect("lumen runs")
 }

@@ -15,6 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "models/tiny"
+SHAPES = ROOT / "models/shapes"
 FIXTURES = ROOT / "tests/fixtures/images"
 
 
@@ -28,7 +29,9 @@ def lumen() -> Path:
 
 
 def run_lumen(lumen: Path, *args) -> str:
-    out = subprocess.run([str(lumen), *map(str, args)], capture_output=True, text=True)
+    """`lumen ARGS`, on models/tiny unless ARGS name other models; checked."""
+    env = {**os.environ, "LUMEN_MODELS": str(TINY)}
+    out = subprocess.run([str(lumen), *map(str, args)], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     return out.stdout
 

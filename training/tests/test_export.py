@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import torch
-from conftest import base_args, run_lumen, train
+from conftest import SHAPES, base_args, run_lumen, train
 from diffusers import DDIMScheduler, StableDiffusionControlNetPipeline
 from PIL import Image
 from safetensors.torch import load_file, save_file
@@ -20,13 +20,34 @@ def test_exported_folder_serves_the_diffusers_image(lumen, images, layouts, tmp_
         assert (out / part).is_dir(), part
     assert json.loads((out / "lumen.json").read_text())["layout_size"] == 518
 
-    guide, k, (w, h) = images / "street/a.png", 6, (64, 48)
+    diff = lumen_vs_diffusers(lumen, out, images / "street/a.png", 6, (64, 48), "a quiet street", tmp_path)
+    assert diff.max() <= 3 and diff.mean() <= 0.5
+
+
+def test_shapes_model_serves_the_diffusers_image(lumen, tmp_path):
+    # The committed shapes model (f16 diffusion weights), as lumen embeds it.
+    diff = lumen_vs_diffusers(
+        lumen,
+        SHAPES,
+        SHAPES.parent.parent / "tests/fixtures/images/shapes-guide.png",
+        8,
+        (64, 64),
+        "a red triangle and a green circle",
+        tmp_path,
+    )
+    assert diff.max() <= 3 and diff.mean() <= 0.5
+
+
+def lumen_vs_diffusers(lumen, folder, guide, k, size, prompt, tmp_path) -> np.ndarray:
+    """|lumen − diffusers| per pixel (0..255) for one image: same folder, guide
+    conditioning (lumen's), latents, DDIM, 5 steps, guidance 7.5."""
+    w, h = size
     cond_file = tmp_path / "cond.safetensors"
     run_lumen(
         lumen,
         "layout",
         "--models",
-        out,
+        folder,
         "--image",
         guide,
         "-k",
@@ -37,14 +58,16 @@ def test_exported_folder_serves_the_diffusers_image(lumen, images, layouts, tmp_
         cond_file,
     )
     cond = load_file(str(cond_file))["conditioning"][None]
-    latents = torch.randn(1, 4, h // 8, w // 8, generator=torch.Generator().manual_seed(3))
+    vae = json.loads((folder / "vae/config.json").read_text())
+    factor = 2 ** (len(vae["block_out_channels"]) - 1)
+    latents = torch.randn(1, 4, h // factor, w // factor, generator=torch.Generator().manual_seed(3))
     save_file({"latents": latents.contiguous()}, str(tmp_path / "latents.safetensors"))
     png = tmp_path / "lumen.png"
     run_lumen(
         lumen,
         "synthesize",
         "--models",
-        out,
+        folder,
         "--image",
         guide,
         "-k",
@@ -55,10 +78,12 @@ def test_exported_folder_serves_the_diffusers_image(lumen, images, layouts, tmp_
         h,
         "--steps",
         5,
+        "--guidance",
+        7.5,
         "--scheduler",
         "ddim",
         "--prompt",
-        "a quiet street",
+        prompt,
         "--latents",
         tmp_path / "latents.safetensors",
         "--quiet",
@@ -68,12 +93,16 @@ def test_exported_folder_serves_the_diffusers_image(lumen, images, layouts, tmp_
     ours = np.asarray(Image.open(png).convert("RGB")).astype(int)
 
     pipe = StableDiffusionControlNetPipeline.from_pretrained(
-        out, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        folder,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+        torch_dtype=torch.float32,
     )
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     img = pipe(
-        prompt="a quiet street",
+        prompt=prompt,
         image=cond,
         height=h,
         width=w,
@@ -84,5 +113,5 @@ def test_exported_folder_serves_the_diffusers_image(lumen, images, layouts, tmp_
     ).images[0]
     theirs = (img * 255).round().astype(int)
     diff = np.abs(ours - theirs)
-    print(f"lumen vs diffusers on the exported folder: max {diff.max()}/255, mean {diff.mean():.3f}")
-    assert diff.max() <= 3 and diff.mean() <= 0.5
+    print(f"lumen vs diffusers on {folder}: max {diff.max()}/255, mean {diff.mean():.3f}")
+    return diff

@@ -11,7 +11,7 @@ from conftest import TINY, base_args, summaries, train
 from diffusers import ControlNetModel
 
 from lumen_train.data import KSampler, LayoutsExport, Samples
-from lumen_train.train import Frozen, loss_of, weights_sha256
+from lumen_train.train import Frozen, loss_of, new_controlnet, weights_sha256
 
 
 def fixed_loss(frozen: Frozen, net: ControlNetModel, samples: Samples, indices: list[int]) -> float:
@@ -50,7 +50,7 @@ def test_one_small_batch_overfits(images, layouts, tmp_path):
 
     frozen = Frozen(TINY, torch.device("cpu"))
     samples = Samples(LayoutsExport(one), images, 64, frozen.multiple, KSampler(export.kmax, "full"), 0.0, 0)
-    start = ControlNetModel.from_unet(frozen.unet, conditioning_channels=export.kmax)
+    start = new_controlnet(frozen, export.kmax)
     trained = ControlNetModel.from_pretrained(out / "controlnet")
     before = fixed_loss(frozen, start, samples, [0])
     after = fixed_loss(frozen, trained, samples, [0])

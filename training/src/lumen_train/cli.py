@@ -50,11 +50,76 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--caption-dropout", type=float, default=0.5, help="probability of an empty prompt")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--log-every", type=int, default=10)
+    shapes = sub.add_parser("shapes", help="the shapes world and its embedded model (see lumen_train.shapes)")
+    ss = shapes.add_subparsers(dest="stage", required=True)
+    w = ss.add_parser("world", help="write images of the shapes world with an imagefolder metadata.jsonl")
+    w.add_argument("--out", type=Path, required=True)
+    w.add_argument("--count", type=int, required=True)
+    w.add_argument("--seed", type=int, default=0, help="the split: 0 training, 1 held-out evaluation")
+    b = ss.add_parser("base", help="random encoder and text encoder, tokenizer, scheduler, lumen.json")
+    b.add_argument("--out", type=Path, required=True)
+    b.add_argument("--seed", type=int, default=0)
+    for name, steps, batch, lr in (("vae", 2000, 16, 1e-3), ("unet", 3000, 32, 5e-4)):
+        t = ss.add_parser(name, help=f"train the {name.upper()} into BASE/{name}/ (resumable)")
+        t.add_argument("--models", type=Path, required=True, help="the base folder")
+        t.add_argument("--work", type=Path, required=True, help="checkpoint folder")
+        t.add_argument("--steps", type=int, default=steps)
+        t.add_argument("--batch-size", type=int, default=batch)
+        t.add_argument("--lr", type=float, default=lr)
+        t.add_argument("--checkpoint-every", type=int, default=100)
+    k = ss.add_parser("pack", help="a trained model folder as the committed one: f16 weights, no checkpoints")
+    k.add_argument("--model", type=Path, required=True)
+    k.add_argument("--out", type=Path, required=True)
+    e = ss.add_parser("evaluate", help="fidelity and diversity by K on held-out guides (a markdown table)")
+    e.add_argument("--lumen", type=Path, default=Path("target/release/lumen"), help="the lumen binary")
+    e.add_argument("--models", type=Path, help="model folder (default: the binary's embedded model)")
+    e.add_argument("--guides", type=int, default=12, help="held-out guides (split seed 1)")
+    e.add_argument("--seeds", type=int, default=3, help="images per guide, K and prompt")
+    e.add_argument("--components", default="1,2,3,4,5,6,7,8", help="the Ks, comma-separated")
+    e.add_argument("--keep", type=Path, help="also write each guide's outputs here")
+    e.add_argument("--json", type=Path, help="also write the rows as JSON here")
     return p
+
+
+def shapes(a: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if a.stage == "world":
+        from lumen_train.shapes.world import write_split
+
+        write_split(a.out, a.seed, a.count)
+        return
+    if a.stage == "base":
+        from lumen_train.shapes.base import build
+
+        build(a.out, a.seed)
+        return
+    if a.stage == "pack":
+        from lumen_train.shapes.pack import pack
+
+        print(json.dumps(pack(a.model, a.out)))
+        return
+    if a.stage == "evaluate":
+        from lumen_train.shapes.evaluate import evaluate, markdown, to_json
+
+        ks = [int(k) for k in a.components.split(",")]
+        rows = evaluate(a.lumen, a.models, a.guides, a.seeds, ks, keep=a.keep)
+        if a.json:
+            a.json.write_text(to_json(rows) + "\n")
+        print(markdown(rows))
+        return
+    from lumen_train.shapes import fit
+
+    trainer = fit.train_vae if a.stage == "vae" else fit.train_unet
+    print(json.dumps(trainer(a.models, a.work, a.steps, a.batch_size, a.lr, a.checkpoint_every)))
 
 
 def main(argv: list[str] | None = None) -> None:
     a = parser().parse_args(argv)
+    if a.command == "shapes":
+        shapes(a)
+        return
     for name in ("resolution", "batch_size", "grad_accum", "max_steps", "log_every", "validation_steps"):
         if getattr(a, name) < 1:
             sys.exit(f"error: --{name.replace('_', '-')} must be at least 1")

@@ -1,0 +1,41 @@
+"""A trained model folder as the committed one: the diffusion parts (UNet,
+ControlNet, VAE, text encoder) stored in float16, the encoder and the PCA
+basis kept in float32 (the basis was fitted on the float32 encoder's tokens),
+the configs, tokenizer, scheduler and lumen.json copied; training leftovers
+(checkpoints, logs, validation grids) left out. Written next to `out` and
+renamed over it when complete."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+HALF = {"unet", "controlnet", "vae", "text_encoder"}
+LEFT_OUT = {"checkpoints", "logs", "validation"}
+
+
+def pack(model: Path, out: Path) -> dict:
+    model, out = Path(model), Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    sizes: dict[str, int] = {}
+    for src in sorted(model.rglob("*")):
+        rel = src.relative_to(model)
+        if src.is_dir() or rel.parts[0] in LEFT_OUT:
+            continue
+        dst = tmp / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.suffix == ".safetensors" and rel.parts[0] in HALF:
+            tensors = {
+                k: v.to(torch.float16) if v.is_floating_point() else v for k, v in load_file(src).items()
+            }
+            save_file(tensors, dst, metadata={"format": "pt"})
+        else:
+            shutil.copy2(src, dst)
+        sizes[rel.parts[0]] = sizes.get(rel.parts[0], 0) + dst.stat().st_size
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return {"out": str(out), "bytes": sum(sizes.values()), "by_part": sizes}
