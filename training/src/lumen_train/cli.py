@@ -82,9 +82,6 @@ def parser() -> argparse.ArgumentParser:
 
 
 def shapes(a: argparse.Namespace) -> None:
-    import torch
-
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     if a.stage == "world":
         from lumen_train.shapes.world import write_split
 
