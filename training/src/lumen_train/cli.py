@@ -8,6 +8,11 @@
 
 BASE_DIR is the lumen model folder the layouts were exported with (`lumen
 layouts --models BASE_DIR`); OUT_DIR becomes a complete lumen model folder.
+
+    lumen-train shapes world|base|vae|unet|pack|evaluate ...
+
+The shapes world and the stages that make and measure lumen's embedded model
+(scripts/train_shapes.sh runs them in order).
 """
 
 from __future__ import annotations
