@@ -7,7 +7,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
 
 use axum::extract::{Path as UrlPath, State};
@@ -193,6 +193,13 @@ fn fetch_cmd(endpoint: &str, home: &Path, args: &[&str]) -> Command {
     c
 }
 
+/// Run [`fetch_cmd`] to its end.
+fn fetch(endpoint: &str, home: &Path, args: &[&str]) -> Output {
+    fetch_cmd(endpoint, home, args)
+        .output()
+        .expect("lumen runs")
+}
+
 /// Every file of models/tiny, relative.
 fn tiny_files() -> Vec<PathBuf> {
     fn walk(dir: &Path, base: &Path, out: &mut Vec<PathBuf>) {
@@ -221,13 +228,11 @@ fn fetch_assembles_a_working_model_folder_from_the_hub() {
     let home = tmp.path().join("hf-home");
 
     // Without the token the (gated) stand-in refuses, and the error says so.
-    let o = fetch_cmd(
+    let o = fetch(
         &endpoint,
         &home,
         &["--out", s(&out), "--controlnet", "lumen/controlnet-tiny"],
-    )
-    .output()
-    .unwrap();
+    );
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
@@ -298,13 +303,11 @@ fn fetch_with_a_local_controlnet_and_no_basis_asks_for_fit_pca() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("model");
     let local_cn = root().join("models/tiny/controlnet");
-    let o = fetch_cmd(
+    let o = fetch(
         &endpoint,
         &tmp.path().join("home"),
         &["--out", s(&out), "--controlnet", s(&local_cn)],
-    )
-    .output()
-    .unwrap();
+    );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(
@@ -317,16 +320,14 @@ fn fetch_with_a_local_controlnet_and_no_basis_asks_for_fit_pca() {
     assert!(!out.join("pca.safetensors").exists());
 
     // Unknown repositories and repositories without safetensors are named.
-    let o = fetch_cmd(
+    let o = fetch(
         &endpoint,
         &tmp.path().join("home"),
         &["--out", s(&out), "--controlnet", "nobody/nothing"],
-    )
-    .output()
-    .unwrap();
+    );
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("nobody/nothing"));
-    let o = fetch_cmd(
+    let o = fetch(
         &endpoint,
         &tmp.path().join("home"),
         &[
@@ -337,9 +338,7 @@ fn fetch_with_a_local_controlnet_and_no_basis_asks_for_fit_pca() {
             "--encoder",
             "stable-diffusion-v1-5/stable-diffusion-v1-5",
         ],
-    )
-    .output()
-    .unwrap();
+    );
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
@@ -354,7 +353,7 @@ fn fetch_without_a_controlnet_makes_a_training_base() {
     let endpoint = start_hub(hub);
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("base");
-    let o = fetch_cmd(
+    let o = fetch(
         &endpoint,
         &tmp.path().join("home"),
         &[
@@ -363,9 +362,7 @@ fn fetch_without_a_controlnet_makes_a_training_base() {
             "--pca",
             s(&root().join("models/tiny/pca.safetensors")),
         ],
-    )
-    .output()
-    .unwrap();
+    );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(
