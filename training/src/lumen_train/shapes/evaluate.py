@@ -89,7 +89,7 @@ def synthesize(
     ]
     if models is not None:
         args += ["--models", str(models)]
-    env = {k: v for k, v in os.environ.items() if k != "LUMEN_MODELS"}
+    env = {name: value for name, value in os.environ.items() if name != "LUMEN_MODELS"}
     run = subprocess.run(args, capture_output=True, text=True, env=env)
     if run.returncode != 0:
         raise RuntimeError(f"{' '.join(args)}: {run.stderr}")

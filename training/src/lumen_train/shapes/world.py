@@ -35,6 +35,8 @@ TRAIN_SEED, EVAL_SEED = 0, 1
 PALETTE = np.array(list(BACKGROUNDS.values()) + list(COLOURS.values()), dtype=np.float32)
 CLASS_OF_PALETTE = np.array([0, 0] + list(range(1, len(COLOURS) + 1)))
 CLASS_NAMES = ["background", *COLOURS]
+# Pixel centres (y, x) of the image, shared by every shape's rasterisation.
+_YY, _XX = np.mgrid[0:SIZE, 0:SIZE].astype(np.float64) + 0.5
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,7 @@ class Shape:
 
 def mask(shape: Shape) -> np.ndarray:
     """The shape's pixels (pixel centres inside the shape), no anti-aliasing."""
-    yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float64) + 0.5
+    yy, xx = _YY, _XX
     x0, y0, s = shape.x, shape.y, shape.size
     if shape.kind == "square":
         return (xx >= x0) & (xx < x0 + s) & (yy >= y0) & (yy < y0 + s)
