@@ -478,6 +478,99 @@ async fn synthesize_matches_the_cli_in_every_format_and_input_form() {
 }
 
 #[tokio::test]
+async fn scores_come_when_asked_and_match_the_cli() {
+    let plain = call(synth_with(json!({"num_images": 2}))).await.json();
+    assert!(plain["images"][0].get("score").is_none());
+    assert_eq!(plain["timings"]["score_ms"], 0.0);
+    let v = call(synth_with(json!({"num_images": 2, "score": true}))).await;
+    assert_eq!(v.status, StatusCode::OK, "{}", v.json());
+    let v = v.json();
+    let scores: Vec<f64> = (0..2)
+        .map(|i| v["images"][i]["score"].as_f64().unwrap())
+        .collect();
+    assert!(
+        scores.iter().all(|s| (-1.0..=1.0).contains(s)),
+        "{scores:?}"
+    );
+    assert_ne!(scores[0], scores[1]);
+    // The same images get the same scores from a layout_id, raw, or multipart.
+    let id = v["parameters"]["layout_id"].as_str().unwrap();
+    let again = call(synth_with(
+        json!({"layout_id": id, "score": true, "seed": 8}),
+    ))
+    .await
+    .json();
+    assert_eq!(again["images"][0]["score"].as_f64(), Some(scores[1]));
+    let raw = call(with_header(
+        synth_with(json!({"layout_id": id, "score": true})),
+        header::ACCEPT,
+        "image/png",
+    ))
+    .await;
+    let header_score: f64 = raw.headers["x-lumen-score"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((header_score - scores[0]).abs() < 1e-6);
+    let img = guide_bytes();
+    let m = call(form(
+        "/synthesize",
+        &[
+            ("image", Part::File(&img)),
+            ("prompt", Part::Text("a quiet street")),
+            ("steps", Part::Text("3")),
+            ("width", Part::Text("64")),
+            ("height", Part::Text("48")),
+            ("scheduler", Part::Text("ddim")),
+            ("seed", Part::Text("7")),
+            ("score", Part::Text("true")),
+        ],
+    ))
+    .await;
+    assert_eq!(m.json()["images"][0]["score"].as_f64(), Some(scores[0]));
+    let bad = call(form(
+        "/synthesize",
+        &[("image", Part::File(&img)), ("score", Part::Text("yes"))],
+    ))
+    .await;
+    refused(&bad, StatusCode::BAD_REQUEST, "invalid_request", &["score"]);
+    // `lumen synthesize --score` prints the same score.
+    let tmp = tempfile::tempdir().unwrap();
+    let out = common::ok(&[
+        "synthesize",
+        "--image",
+        s(&guide_path()),
+        "--prompt",
+        "a quiet street",
+        "--steps",
+        "3",
+        "--width",
+        "64",
+        "--height",
+        "48",
+        "--scheduler",
+        "ddim",
+        "--seed",
+        "7",
+        "--score",
+        "--quiet",
+        "--out",
+        s(&tmp.path().join("x.png")),
+    ]);
+    let printed: f64 = out
+        .split("score ")
+        .nth(1)
+        .and_then(|r| r.trim_end().trim_end_matches(')').parse().ok())
+        .unwrap_or_else(|| panic!("no score in {out}"));
+    assert!(
+        (printed - scores[0]).abs() < 1e-4,
+        "{printed} vs {}",
+        scores[0]
+    );
+}
+
+#[tokio::test]
 async fn cli_and_api_write_the_same_parameters_record() {
     // Defaults everywhere but the seed and a small size: both resolve them
     // through the same request model.

@@ -6,9 +6,8 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::{mpsc, Arc, Mutex};
+use std::process::{Child, Command};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{b64, guide_bytes, max_pixel_diff, metric_sum, rgb, root, s, synth_body, unb64};
@@ -24,46 +23,11 @@ struct Server {
 
 impl Server {
     async fn start(extra: &[&str]) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_lumen"))
-            .args([
-                "serve",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--log-format",
-                "json",
-            ])
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .env("LUMEN_MODELS", common::tiny_models())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("lumen serve starts");
-        let stderr = child.stderr.take().expect("stderr");
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = mpsc::channel();
-        {
-            let logs = logs.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                        if v["fields"]["message"] == "listening" {
-                            let _ =
-                                tx.send(v["fields"]["address"].as_str().unwrap_or("").to_string());
-                        }
-                    }
-                    logs.lock().unwrap().push(line);
-                }
-            });
-        }
-        let addr = rx
-            .recv_timeout(Duration::from_secs(60))
-            .unwrap_or_else(|_| panic!("server did not listen: {:?}", logs.lock().unwrap()));
+        let tiny = common::tiny_models();
+        let (child, base, logs) = common::spawn_serve(extra, Some(&tiny));
         let server = Server {
             child,
-            base: format!("http://{addr}"),
+            base,
             client: Client::builder()
                 .timeout(Duration::from_secs(300))
                 .build()

@@ -3,6 +3,7 @@
 //! commands build requests through the request model
 //! ([`crate::pipeline::request`]) and never resolve a default themselves.
 
+mod augment;
 mod commands;
 mod layout;
 mod layouts;
@@ -13,6 +14,8 @@ use std::path::{Path, PathBuf};
 use clap::{Args, Parser, Subcommand};
 
 use crate::error::{Error, Result};
+use crate::pipeline::request::limits::DEFAULT_CONTROL_SCALE;
+use crate::pipeline::request::SynthesisRequest;
 use crate::server::ServeArgs;
 
 pub use layout::{FitPcaArgs, LayoutArgs};
@@ -43,6 +46,8 @@ pub enum Command {
     Layouts(layouts::LayoutsArgs),
     /// Generate images with the layout of a guide image.
     Synthesize(SynthesizeArgs),
+    /// Make a labelled dataset larger: synthetic variants of each image, labels carried over (resumable).
+    Augment(Box<augment::AugmentArgs>),
     /// Assemble a model folder from Hugging Face Hub repositories.
     Fetch(commands::FetchArgs),
     /// Print the OpenAPI document (as committed in openapi/openapi.json).
@@ -61,6 +66,56 @@ pub struct ModelArgs {
     /// Device to run on: cpu, cuda or cuda:N.
     #[arg(long, env = "LUMEN_DEVICE", default_value = "cpu")]
     pub device: String,
+}
+
+/// The synthesis parameters `lumen synthesize` and `lumen augment` share.
+#[derive(Args)]
+pub struct SamplingArgs {
+    /// Negative prompt (used when guidance > 1).
+    #[arg(long, env = "LUMEN_NEGATIVE_PROMPT", default_value = "")]
+    pub negative_prompt: String,
+    /// Denoising steps; default from lumen.json, else 30.
+    #[arg(long, env = "LUMEN_STEPS")]
+    pub steps: Option<usize>,
+    /// Classifier-free guidance scale (default: lumen.json, else 7.5); at most 1 skips the unconditional pass.
+    #[arg(long, env = "LUMEN_GUIDANCE")]
+    pub guidance: Option<f64>,
+    /// Weight of the ControlNet's residuals.
+    #[arg(long, env = "LUMEN_CONTROL_SCALE", default_value_t = DEFAULT_CONTROL_SCALE)]
+    pub control_scale: f64,
+    /// ddim, euler or dpmpp-2m; default: the model folder's scheduler if lumen has it, else dpmpp-2m.
+    #[arg(long, env = "LUMEN_SCHEDULER")]
+    pub scheduler: Option<String>,
+    /// Output width; default: from --height and the guide's aspect, or the guide's aspect with the longer side from lumen.json (else 512).
+    #[arg(long, env = "LUMEN_WIDTH")]
+    pub width: Option<u32>,
+    /// Output height; default as for --width.
+    #[arg(long, env = "LUMEN_HEIGHT")]
+    pub height: Option<u32>,
+    /// Longer side, in pixels, of the image fed to the encoder; default from lumen.json (518).
+    #[arg(long, env = "LUMEN_LAYOUT_SIZE")]
+    pub layout_size: Option<u32>,
+    /// Diffusion weights' dtype: auto (f16 on CUDA, f32 on CPU), f32, f16 or bf16.
+    /// The DINOv2 encoder and PCA always run in f32.
+    #[arg(long, env = "LUMEN_DTYPE", default_value = "auto")]
+    pub dtype: String,
+}
+
+impl SamplingArgs {
+    /// These parameters as a request (the rest left to the caller).
+    pub fn request(&self) -> SynthesisRequest {
+        SynthesisRequest {
+            negative_prompt: Some(self.negative_prompt.clone()),
+            layout_size: self.layout_size,
+            steps: self.steps,
+            guidance_scale: self.guidance,
+            control_scale: Some(self.control_scale),
+            scheduler: self.scheduler.clone(),
+            width: self.width,
+            height: self.height,
+            ..Default::default()
+        }
+    }
 }
 
 impl Cli {
@@ -85,6 +140,7 @@ impl Cli {
             Command::FitPca(a) => layout::run_fit_pca(a),
             Command::Layouts(a) => layouts::run(a),
             Command::Synthesize(a) => synthesize::run(a),
+            Command::Augment(a) => augment::run(*a),
             Command::Bench(c) => commands::bench(c),
         }
     }

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use candle_core::{DType, Device};
 use clap::Args;
 
-use super::{progress_bar, ModelArgs};
+use super::{progress_bar, ModelArgs, SamplingArgs};
 use crate::config::{parse_device, parse_dtype};
 use crate::error::{Error, Result};
 use crate::guide;
@@ -14,7 +14,7 @@ use crate::model_folder::ModelSource;
 use crate::pipeline::layout::LayoutModel;
 use crate::pipeline::layout_id::{guide_key, layout_id};
 use crate::pipeline::output::OutputFormat;
-use crate::pipeline::request::limits::{DEFAULT_CONTROL_SCALE, DEFAULT_NUM_IMAGES};
+use crate::pipeline::request::limits::DEFAULT_NUM_IMAGES;
 use crate::pipeline::request::{Bounds, GuideInfo, Limits, SynthesisRequest};
 use crate::pipeline::spec::ModelSpecs;
 use crate::pipeline::synthesis::SynthesisModel;
@@ -29,43 +29,17 @@ pub struct SynthesizeArgs {
     /// Text prompt.
     #[arg(long, env = "LUMEN_PROMPT", default_value = "")]
     prompt: String,
-    /// Negative prompt (used when guidance > 1).
-    #[arg(long, env = "LUMEN_NEGATIVE_PROMPT", default_value = "")]
-    negative_prompt: String,
     /// Number of PCA components K of the layout (1..=Kmax): fewer = more diverse; default from lumen.json.
     #[arg(long, short = 'k', env = "LUMEN_COMPONENTS")]
     components: Option<usize>,
-    /// Denoising steps; default from lumen.json, else 30.
-    #[arg(long, env = "LUMEN_STEPS")]
-    steps: Option<usize>,
-    /// Classifier-free guidance scale (default: lumen.json, else 7.5); at most 1 skips the unconditional pass.
-    #[arg(long, env = "LUMEN_GUIDANCE")]
-    guidance: Option<f64>,
-    /// Weight of the ControlNet's residuals.
-    #[arg(long, env = "LUMEN_CONTROL_SCALE", default_value_t = DEFAULT_CONTROL_SCALE)]
-    control_scale: f64,
-    /// ddim, euler or dpmpp-2m; default: the model folder's scheduler if lumen has it, else dpmpp-2m.
-    #[arg(long, env = "LUMEN_SCHEDULER")]
-    scheduler: Option<String>,
+    #[command(flatten)]
+    sampling: SamplingArgs,
     /// Seed of the first image (image i uses seed + i); random if omitted.
     #[arg(long, env = "LUMEN_SEED")]
     seed: Option<u64>,
     /// Number of images.
     #[arg(long, env = "LUMEN_NUM_IMAGES", default_value_t = DEFAULT_NUM_IMAGES)]
     num_images: usize,
-    /// Output width; default: from --height and the guide's aspect, or the guide's aspect with the longer side from lumen.json (else 512).
-    #[arg(long, env = "LUMEN_WIDTH")]
-    width: Option<u32>,
-    /// Output height; default as for --width.
-    #[arg(long, env = "LUMEN_HEIGHT")]
-    height: Option<u32>,
-    /// Longer side, in pixels, of the image fed to the encoder; default from lumen.json (518).
-    #[arg(long, env = "LUMEN_LAYOUT_SIZE")]
-    layout_size: Option<u32>,
-    /// Diffusion weights' dtype: auto (f16 on CUDA, f32 on CPU), f32, f16 or bf16.
-    /// The DINOv2 encoder and PCA always run in f32.
-    #[arg(long, env = "LUMEN_DTYPE", default_value = "auto")]
-    dtype: String,
     /// Initial noise: safetensors with tensor `latents` [1, C, h, w] (unit variance); overrides the seed.
     #[arg(long, env = "LUMEN_LATENTS")]
     latents: Option<PathBuf>,
@@ -73,6 +47,9 @@ pub struct SynthesizeArgs {
     /// several images PATH-0.EXT, PATH-1.EXT, …
     #[arg(long, short = 'o', env = "LUMEN_OUT")]
     out: PathBuf,
+    /// Also print each image's fidelity score (layout agreement with the guide, see `lumen augment`).
+    #[arg(long, env = "LUMEN_SCORE")]
+    score: bool,
     /// Hide the progress bar.
     #[arg(long, env = "LUMEN_QUIET")]
     quiet: bool,
@@ -83,18 +60,12 @@ impl SynthesizeArgs {
     fn request(&self, format: OutputFormat) -> SynthesisRequest {
         SynthesisRequest {
             prompt: Some(self.prompt.clone()),
-            negative_prompt: Some(self.negative_prompt.clone()),
             components: self.components,
-            layout_size: self.layout_size,
-            steps: self.steps,
-            guidance_scale: self.guidance,
-            control_scale: Some(self.control_scale),
-            scheduler: self.scheduler.clone(),
             seed: self.seed,
             num_images: Some(self.num_images),
-            width: self.width,
-            height: self.height,
             format: Some(format.name().to_string()),
+            score: Some(self.score),
+            ..self.sampling.request()
         }
     }
 }
@@ -117,7 +88,7 @@ pub fn run(a: SynthesizeArgs) -> Result<()> {
         ));
     }
     let device = parse_device(&a.model.device)?;
-    let dtype = parse_dtype(&a.dtype, &device)?;
+    let dtype = parse_dtype(&a.sampling.dtype, &device)?;
     let src = ModelSource::from_arg(a.model.models.clone());
     let bounds = Bounds::new(&ModelSpecs::read(&src)?, Limits::default())?;
     // Every parameter is checked before any model loads.
@@ -127,14 +98,15 @@ pub fn run(a: SynthesizeArgs) -> Result<()> {
     let plan = request.resolve(&bounds, &GuideInfo::image(img.dimensions()))?;
     let latents = a.latents.as_ref().map(read_latents).transpose()?;
 
-    // The layout first; the encoder is freed before the diffusion weights load.
-    let layout = {
-        let lm = LayoutModel::load(&src, &device)?;
-        let prepared = lm.prepare(&img, Some(plan.layout_size))?;
-        lm.layouts(&[(&prepared, plan.components)])?
-            .pop()
-            .ok_or_else(|| Error::Internal("no layout computed".into()))?
-    };
+    // The layout first; the encoder is freed before the diffusion weights
+    // load, unless it scores the images afterwards.
+    let lm = LayoutModel::load(&src, &device)?;
+    let prepared = lm.prepare(&img, Some(plan.layout_size))?;
+    let layout = lm
+        .layouts(&[(&prepared, plan.components)])?
+        .pop()
+        .ok_or_else(|| Error::Internal("no layout computed".into()))?;
+    let scorer = plan.score.then_some(lm);
     let key = guide_key(&bounds.model, plan.layout_size, &bytes);
     let mut record = plan.parameters(layout_id(&key, plan.components), &bounds.model);
     record.latents = a.latents.as_ref().map(|p| p.display().to_string());
@@ -149,6 +121,10 @@ pub fn run(a: SynthesizeArgs) -> Result<()> {
         bar.set_position(step as u64)
     })?;
     bar.finish_and_clear();
+    let scores = match &scorer {
+        Some(lm) => crate::pipeline::score::fidelity(lm, &layout, &images)?,
+        None => Vec::new(),
+    };
     let ext = a
         .out
         .extension()
@@ -165,7 +141,10 @@ pub fn run(a: SynthesizeArgs) -> Result<()> {
         let r = record.for_image(i);
         let bytes = format.encode(img, &r)?;
         std::fs::write(&path, bytes).map_err(|e| Error::io(&path, e))?;
-        println!("wrote {} (seed {})", path.display(), r.seed);
+        match scores.get(i) {
+            Some(s) => println!("wrote {} (seed {}, score {s:.4})", path.display(), r.seed),
+            None => println!("wrote {} (seed {})", path.display(), r.seed),
+        }
     }
     Ok(())
 }

@@ -27,6 +27,7 @@ use serde_json::json;
 use crate::dataset::{ImageEntry, ImageFolder};
 use crate::error::{Error, Result};
 use crate::guide;
+use crate::jobs::write_atomic;
 use crate::pipeline::layout::{LayoutModel, PreparedGuide};
 
 /// The `format` of `dataset.json`.
@@ -121,16 +122,6 @@ fn shard_name(i: usize) -> String {
 fn shard_done(out: &Path, i: usize) -> bool {
     let name = shard_name(i);
     out.join(format!("{name}.jsonl")).is_file() && out.join(format!("{name}.safetensors")).is_file()
-}
-
-/// Write `bytes` to `path` through a temporary name in the same folder.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension(format!(
-        "{}.tmp",
-        path.extension().and_then(|e| e.to_str()).unwrap_or("")
-    ));
-    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
 /// Start a new export in `out`, or check that the one there is this one.

@@ -7,5 +7,6 @@ pub mod layout;
 pub mod layout_id;
 pub mod output;
 pub mod request;
+pub mod score;
 pub mod spec;
 pub mod synthesis;

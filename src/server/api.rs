@@ -27,6 +27,11 @@ pub struct ImageOut {
     pub seed: u64,
     /// The encoded image (see `parameters.format`), base64.
     pub data: String,
+    /// Fidelity score (only with `score: true`): the Pearson correlation of
+    /// the guide's and this image's first-K layouts.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub score: Option<f32>,
 }
 
 /// Where the time went, in milliseconds.
@@ -40,6 +45,8 @@ pub struct Timings {
     pub denoise_ms: f64,
     /// VAE decode of this request's images.
     pub decode_ms: f64,
+    /// Fidelity scores of this request's images (0 unless `score: true`).
+    pub score_ms: f64,
     /// Image encoding (PNG/JPEG/WebP) and base64.
     pub encode_ms: f64,
     /// Whole request, as the server saw it.

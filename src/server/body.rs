@@ -26,6 +26,7 @@ const DRAIN_LIMIT: usize = 64 * 1024 * 1024;
 pub enum FieldType {
     Integer,
     Number,
+    Boolean,
     String,
 }
 
@@ -44,6 +45,8 @@ pub fn field_types<T: utoipa::PartialSchema>() -> HashMap<String, FieldType> {
                 FieldType::Integer
             } else if types.contains(&"number") {
                 FieldType::Number
+            } else if types.contains(&"boolean") {
+                FieldType::Boolean
             } else {
                 FieldType::String
             };
@@ -267,6 +270,14 @@ fn typed_part(name: &str, text: String, kind: Option<FieldType>) -> Result<Value
                 Error::request(name, format!("`{text}` is not {what}"))
             })
         }
+        Some(FieldType::Boolean) => match text.trim() {
+            "true" => Ok(Value::Bool(true)),
+            "false" => Ok(Value::Bool(false)),
+            _ => Err(Error::request(
+                name,
+                format!("`{text}` is not a boolean (true or false)"),
+            )),
+        },
         _ => Ok(Value::String(text)),
     }
 }
@@ -332,12 +343,17 @@ mod tests {
         assert_eq!(types["steps"], FieldType::Integer);
         assert_eq!(types["guidance_scale"], FieldType::Number);
         assert_eq!(types["prompt"], FieldType::String);
+        assert_eq!(types["score"], FieldType::Boolean);
         let t = |name: &str, text: &str| typed_part(name, text.into(), types.get(name).copied());
         assert_eq!(t("steps", " 12 ").unwrap(), serde_json::json!(12));
         assert_eq!(t("guidance_scale", "2.5").unwrap(), serde_json::json!(2.5));
         assert_eq!(t("prompt", "12").unwrap(), serde_json::json!("12"));
         assert_eq!(t("steps", "15.0").unwrap(), serde_json::json!(15));
+        assert_eq!(t("score", "true").unwrap(), serde_json::json!(true));
+        assert_eq!(t("score", " false").unwrap(), serde_json::json!(false));
         for (name, text) in [
+            ("score", "yes"),
+            ("score", "1"),
             ("steps", "null"),
             ("steps", "1.5"),
             ("steps", ""),

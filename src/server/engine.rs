@@ -251,6 +251,8 @@ impl Engine {
         let mut settings: Option<SynthesisSettings> = None;
         let mut items: Vec<(usize, SynthesisItem)> = Vec::new();
         let mut errors: Vec<Option<Error>> = (0..jobs.len()).map(|_| None).collect();
+        // Each job's layout at its K, kept where the job asks for scores.
+        let mut score_layouts: Vec<Option<Layout>> = (0..jobs.len()).map(|_| None).collect();
         for (i, job) in jobs.iter().enumerate() {
             let Work::Synthesis(s) = &job.work else {
                 continue;
@@ -265,7 +267,12 @@ impl Engine {
                 }
             };
             match full.truncate(s.plan.components) {
-                Ok(layout) => items.extend(s.plan.items(&layout).into_iter().map(|it| (i, it))),
+                Ok(layout) => {
+                    items.extend(s.plan.items(&layout).into_iter().map(|it| (i, it)));
+                    if s.plan.score {
+                        score_layouts[i] = Some(layout);
+                    }
+                }
                 Err(e) => errors[i] = Some(e),
             }
         }
@@ -343,13 +350,29 @@ impl Engine {
             }
         }
 
-        // 4. Answer.
+        // 4. Score the images of the jobs that ask, then answer.
+        let mut scores: Vec<Vec<f32>> = (0..jobs.len()).map(|_| Vec::new()).collect();
+        for (i, layout) in score_layouts.iter().enumerate() {
+            let Some(layout) = layout else { continue };
+            if errors[i].is_some() || jobs[i].abandoned() {
+                continue;
+            }
+            let t = Instant::now();
+            match crate::pipeline::score::fidelity(&self.layout, layout, &images[i]) {
+                Ok(s) => scores[i] = s,
+                Err(e) => errors[i] = Some(e),
+            }
+            let score_s = t.elapsed().as_secs_f64();
+            metrics::stage("score", score_s);
+            timings[i].score = score_s;
+        }
         for (i, job) in jobs.into_iter().enumerate() {
             let answer = match errors[i].take() {
                 Some(e) => Err(e),
                 None => Ok(Output::Synthesis {
                     images: std::mem::take(&mut images[i]),
                     computed_layout: computed[i].take(),
+                    scores: std::mem::take(&mut scores[i]),
                     timings: timings[i],
                 }),
             };

@@ -53,6 +53,8 @@ pub enum Output {
         images: Vec<image::RgbImage>,
         /// The layout at Kmax when the job brought a guide (for the cache).
         computed_layout: Option<Arc<Layout>>,
+        /// Each image's fidelity score, when the plan asks for them (else empty).
+        scores: Vec<f32>,
         timings: JobTimings,
     },
 }
@@ -64,6 +66,8 @@ pub struct JobTimings {
     pub layout: f64,
     pub denoise: f64,
     pub decode: f64,
+    /// Fidelity scores of this job's images (0 unless asked).
+    pub score: f64,
     pub batch_images: usize,
 }
 

@@ -72,7 +72,11 @@ fn cors_layer(origins: &[String]) -> Result<CorsLayer> {
         .allow_origin(allow)
         .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
         .allow_headers(Any)
-        .expose_headers([HeaderName::from_static("x-request-id")]))
+        .expose_headers([
+            HeaderName::from_static("x-request-id"),
+            HeaderName::from_static("x-lumen-seed"),
+            HeaderName::from_static("x-lumen-score"),
+        ]))
 }
 
 /// Middleware: the API key, when one is set.

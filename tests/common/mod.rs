@@ -152,6 +152,62 @@ pub fn png_with_header(width: u32, height: u32, data: Option<&[u8]>) -> Vec<u8> 
 
 pub mod app;
 
+/// Start `lumen serve` on a free loopback port with JSON logs (`models`:
+/// a folder, or `None` for the embedded model) and wait until it listens.
+/// Returns the child, its base URL and its log lines as they come.
+pub fn spawn_serve(
+    extra: &[&str],
+    models: Option<&str>,
+) -> (
+    std::process::Child,
+    String,
+    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+) {
+    use std::io::BufRead;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_lumen"));
+    cmd.args([
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--log-format",
+        "json",
+    ])
+    .args(extra)
+    .env("RUST_LOG", "info")
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::piped());
+    match models {
+        Some(m) => cmd.env("LUMEN_MODELS", m),
+        None => cmd.env_remove("LUMEN_MODELS"),
+    };
+    let mut child = cmd.spawn().expect("lumen serve starts");
+    let stderr = child.stderr.take().expect("stderr");
+    let logs = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    {
+        let logs = logs.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                    if v["fields"]["message"] == "listening" {
+                        let _ = tx.send(v["fields"]["address"].as_str().unwrap_or("").to_string());
+                    }
+                }
+                logs.lock().unwrap().push(line);
+            }
+        });
+    }
+    let addr = rx
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .unwrap_or_else(|_| panic!("server did not listen: {:?}", logs.lock().unwrap()));
+    (child, format!("http://{addr}"), logs)
+}
+
 /// The guide image most HTTP tests use.
 pub fn guide_path() -> PathBuf {
     root().join("tests/fixtures/images/tiny-street.png")

@@ -266,5 +266,6 @@ pub fn rules(limits: &Limits, bounds: Option<&Bounds>) -> Vec<FieldRule> {
         width,
         height,
         format,
+        FieldRule::new("score").default(json!(false)),
     ]
 }

@@ -66,6 +66,11 @@ pub struct SynthesisRequest {
     /// Image format: png (carries the parameters in an iTXt chunk), jpeg or
     /// webp (lossless).
     pub format: Option<String>,
+    /// Also return each image's fidelity score: the Pearson correlation
+    /// between the guide's first-K layout and the image's, re-extracted with
+    /// the same encoder and PCA (1: same layout; 0: unrelated). Costs one
+    /// encoder pass per image. Default: false.
+    pub score: Option<bool>,
 }
 
 /// A neural layout as a caller asks for it.
@@ -115,6 +120,8 @@ pub struct SynthesisPlan {
     pub seed: u64,
     pub num_images: usize,
     pub format: OutputFormat,
+    /// Score each image against its guide's layout.
+    pub score: bool,
 }
 
 /// `v` within `min..=max`.
@@ -300,6 +307,7 @@ impl SynthesisRequest {
             seed: self.seed.unwrap_or_else(|| rand::random::<u32>() as u64),
             num_images: self.num_images(),
             format: self.format()?,
+            score: self.score.unwrap_or(false),
         })
     }
 }

@@ -37,7 +37,7 @@ static TYPES: OnceLock<HashMap<String, FieldType>> = OnceLock::new();
         )
     ),
     responses(
-        (status = 200, description = "The images (seeds seed, seed+1, …). JSON by default; with `Accept: image/png` (or image/jpeg, image/webp) and one image, the raw image. PNGs carry their parameters in an iTXt chunk `parameters`.",
+        (status = 200, description = "The images (seeds seed, seed+1, …). JSON by default; with `Accept: image/png` (or image/jpeg, image/webp) and one image, the raw image (seed in `x-lumen-seed`, with `score: true` the score in `x-lumen-score`). PNGs carry their parameters in an iTXt chunk `parameters`.",
             content(
                 (SynthesizeResponse = "application/json"),
                 (String = "image/png"),
@@ -94,6 +94,7 @@ pub async fn synthesize(State(state): State<Arc<AppState>>, req: Request) -> Api
     let Output::Synthesis {
         images,
         computed_layout,
+        scores,
         timings,
     } = enqueue(&state, work).await?
     else {
@@ -133,15 +134,22 @@ pub async fn synthesize(State(state): State<Arc<AppState>>, req: Request) -> Api
             .ok_or_else(|| Error::Internal("no image was generated".into()))?;
         let mut res = binary(format.mime(), bytes);
         res.headers_mut().insert("x-lumen-seed", seed.into());
+        if let Some(score) = scores.first() {
+            if let Ok(v) = axum::http::HeaderValue::from_str(&score.to_string()) {
+                res.headers_mut().insert("x-lumen-score", v);
+            }
+        }
         return Ok(res);
     }
     let ms = |s: f64| (s * 1e6).round() / 1e3;
     Ok(Json(SynthesizeResponse {
         images: encoded
             .into_iter()
-            .map(|(seed, bytes)| ImageOut {
+            .enumerate()
+            .map(|(i, (seed, bytes))| ImageOut {
                 seed,
                 data: b64(&bytes),
+                score: scores.get(i).copied(),
             })
             .collect(),
         parameters,
@@ -150,6 +158,7 @@ pub async fn synthesize(State(state): State<Arc<AppState>>, req: Request) -> Api
             layout_ms: ms(timings.layout),
             denoise_ms: ms(timings.denoise),
             decode_ms: ms(timings.decode),
+            score_ms: ms(timings.score),
             encode_ms: ms(encode_s),
             total_ms: ms(start.elapsed().as_secs_f64()),
             batch_images: timings.batch_images,
