@@ -1,8 +1,10 @@
 //! The container and Kubernetes files agree with the code: every LUMEN_*
 //! variable they set is a real `lumen serve` flag, ports, probes and grace
-//! periods line up with the service, and the README's deploy commands name
-//! files that exist. (No Docker engine or cluster here: docker/validate.sh
-//! runs hadolint and the Kubernetes schema validator where they are installed.)
+//! periods line up with the service, the augment Job passes real `lumen
+//! augment` flags, shards as many ways as it has completions and targets the
+//! Service, and the README's deploy commands name files that exist. (No
+//! Docker engine or cluster here: docker/validate.sh runs hadolint and the
+//! Kubernetes schema validator where they are installed.)
 
 mod common;
 
@@ -180,6 +182,7 @@ fn readme_deploy_commands_name_real_files() {
         "docker build -f docker/Dockerfile.cuda",
         "docker compose -f docker/compose.yaml",
         "kubectl apply -k docker/k8s",
+        "kubectl apply -f docker/k8s/augment-job.yaml",
     ] {
         assert!(readme.contains(cmd), "README lacks `{cmd}`");
     }
@@ -200,6 +203,199 @@ fn readme_deploy_commands_name_real_files() {
         );
     }
     assert!(readme.contains("cargo run --release -- serve"));
+}
+
+const AUGMENT_JOB: &str = "docker/k8s/augment-job.yaml";
+
+/// The value of the first `key: value` line outside comments, unquoted.
+fn yaml_value<'a>(text: &'a str, key: &str) -> &'a str {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .unwrap_or_else(|| panic!("no `{key}:`"))
+        .trim()
+        .trim_matches('"')
+}
+
+/// The items of the block list under the line `key` (e.g. `args:`), unquoted.
+fn list_after<'a>(text: &'a str, key: &str) -> Vec<&'a str> {
+    let items: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .skip_while(|l| *l != key)
+        .skip(1)
+        .take_while(|l| l.starts_with("- "))
+        .map(|l| l[2..].trim().trim_matches('"'))
+        .collect();
+    assert!(!items.is_empty(), "no list under `{key}`");
+    items
+}
+
+/// The item after `flag` in an argument list.
+fn arg_value<'a>(args: &[&'a str], flag: &str) -> &'a str {
+    let at = args
+        .iter()
+        .position(|a| *a == flag)
+        .unwrap_or_else(|| panic!("no {flag}"));
+    args.get(at + 1)
+        .unwrap_or_else(|| panic!("{flag} has no value"))
+}
+
+/// `- name: X` / `value: Y` pairs (literal environment variables).
+fn env_values(text: &str) -> Vec<(&str, &str)> {
+    let lines: Vec<&str> = text.lines().map(str::trim).collect();
+    lines
+        .windows(2)
+        .filter_map(|w| {
+            let name = w[0].strip_prefix("- name: ")?;
+            let value = w[1].strip_prefix("value: ")?;
+            Some((name, value.trim_matches('"')))
+        })
+        .collect()
+}
+
+/// The long flags (`--name`) a `--help` text lists.
+fn long_flags(help: &str) -> BTreeSet<String> {
+    help.lines()
+        .map(str::trim_start)
+        .filter(|l| l.starts_with('-'))
+        .flat_map(|l| l.split([' ', ',']))
+        .filter(|w| w.starts_with("--"))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn augment_job_passes_real_augment_flags_and_variables() {
+    let help = ok(&["augment", "--help"]);
+    let flags = long_flags(&help);
+    assert!(
+        flags.contains("--shard") && flags.contains("--server"),
+        "{flags:?}"
+    );
+    let vars = lumen_vars(&help);
+    assert!(vars.contains("LUMEN_SERVERS") && vars.contains("LUMEN_API_KEY"));
+    let job = read(AUGMENT_JOB);
+    let args = list_after(&job, "args:");
+    assert_eq!(args[0], "augment", "the container runs `lumen augment`");
+    for a in args.iter().filter(|a| a.starts_with("--")) {
+        assert!(
+            flags.contains(*a),
+            "{AUGMENT_JOB} passes {a}, which `lumen augment` lacks"
+        );
+    }
+    for var in lumen_vars(&job) {
+        assert!(
+            vars.contains(&var),
+            "{AUGMENT_JOB} sets {var}, which `lumen augment` does not read"
+        );
+    }
+    // The variables given as Secrets are the deployment's.
+    assert!(job.contains("name: LUMEN_API_KEY") && job.contains("key: api-key"));
+
+    // The arguments and values parse: the last shard's run on an empty input
+    // plans nothing and needs no server (bounded in case that changes).
+    let n: usize = yaml_value(&job, "completions").parse().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("input");
+    std::fs::create_dir(&input).unwrap();
+    let out = dir.path().join("out");
+    let last = format!("{}", n - 1);
+    let mut run: Vec<String> = args
+        .iter()
+        .map(|a| a.replace("$(JOB_COMPLETION_INDEX)", &last))
+        .collect();
+    for (flag, value) in [
+        ("--input", common::s(&input)),
+        ("--out", common::s(&out)),
+        ("--server", "http://127.0.0.1:1"),
+    ] {
+        let at = run.iter().position(|a| a == flag).unwrap() + 1;
+        run[at] = value.to_string();
+    }
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_lumen"))
+        .args(&run)
+        .envs(
+            env_values(&job)
+                .into_iter()
+                .filter(|(k, _)| k.starts_with("LUMEN_")),
+        )
+        .env("LUMEN_SERVER_WAIT_S", "2")
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("lumen runs");
+    assert!(
+        o.status.success(),
+        "{run:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(String::from_utf8_lossy(&o.stdout).contains("0 planned"));
+}
+
+#[test]
+fn augment_job_shards_match_completions_and_target_the_service() {
+    let job = read(AUGMENT_JOB);
+    assert!(job.contains("apiVersion: batch/v1") && job.contains("kind: Job"));
+    assert_eq!(yaml_value(&job, "completionMode"), "Indexed");
+    let completions: usize = yaml_value(&job, "completions").parse().unwrap();
+    let parallelism: usize = yaml_value(&job, "parallelism").parse().unwrap();
+    let args = list_after(&job, "args:");
+    let shard = arg_value(&args, "--shard");
+    let count = shard
+        .strip_prefix("$(JOB_COMPLETION_INDEX)/")
+        .unwrap_or_else(|| panic!("--shard {shard}: want $(JOB_COMPLETION_INDEX)/N"));
+    let count: usize = count.parse().unwrap();
+    assert!(count > 1, "--shard {shard}");
+    assert_eq!(count, completions, "--shard {shard} vs completions");
+    assert_eq!(count, parallelism, "--shard {shard} vs parallelism");
+    // $(JOB_COMPLETION_INDEX) expands only from a variable the container declares.
+    assert!(
+        job.contains("- name: JOB_COMPLETION_INDEX")
+            && job.contains(
+                "fieldPath: metadata.annotations['batch.kubernetes.io/job-completion-index']"
+            ),
+        "JOB_COMPLETION_INDEX from the downward API"
+    );
+    assert_eq!(yaml_value(&job, "restartPolicy"), "Never");
+    assert!(job.contains("backoffLimitPerIndex:") || job.contains("backoffLimit:"));
+    assert!(job.contains("ttlSecondsAfterFinished:"));
+
+    // --server http://<service name>[.namespace...]:<service port>
+    let service = read("docker/k8s/service.yaml");
+    let (name, port) = (yaml_value(&service, "name"), yaml_value(&service, "port"));
+    let url = arg_value(&args, "--server");
+    let authority = url
+        .strip_prefix("http://")
+        .unwrap_or_else(|| panic!("--server {url}: want http://"))
+        .trim_end_matches('/');
+    let (host, url_port) = authority.split_once(':').unwrap_or((authority, "80"));
+    assert!(
+        host == name || host.starts_with(&format!("{name}.")),
+        "--server {url}: the Service is `{name}`"
+    );
+    assert_eq!(
+        url_port, port,
+        "--server {url}: the Service listens on {port}"
+    );
+
+    // Same image repository as the Deployment; a claim the pods can share,
+    // declared in the file; the same non-root user.
+    let dep = read("docker/k8s/deployment.yaml");
+    let repo = |text: &str| {
+        yaml_value(text, "image")
+            .rsplit_once(':')
+            .map(|(r, _)| r.to_string())
+    };
+    assert_eq!(repo(&job), repo(&dep), "image repository");
+    let claim = yaml_value(&job, "claimName");
+    assert!(job.contains("kind: PersistentVolumeClaim") && job.contains(&format!("name: {claim}")));
+    assert!(job.contains("ReadWriteMany"));
+    assert_eq!(yaml_value(&job, "runAsUser"), yaml_value(&dep, "runAsUser"));
+    assert!(job.contains("runAsNonRoot: true") && job.contains("readOnlyRootFilesystem: true"));
+    assert!(!job.contains("nvidia.com/gpu"), "the client needs no GPU");
+    // A run, not part of the service that `kubectl apply -k` sets up.
+    assert!(!read("docker/k8s/kustomization.yaml").contains("augment-job.yaml"));
 }
 
 /// docker/validate.sh (hadolint on both Dockerfiles, the Kubernetes schemas on

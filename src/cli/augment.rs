@@ -67,7 +67,7 @@ pub struct AugmentArgs {
     /// Images per model call (local engine).
     #[arg(long, env = "LUMEN_BATCH", default_value_t = 1)]
     batch: usize,
-    /// Send the work to running `lumen serve` replicas instead of the local engine (repeatable).
+    /// Send the work to running `lumen serve` replicas instead of the local engine (repeatable; --models is then not used).
     #[arg(long = "server", env = "LUMEN_SERVERS", value_delimiter = ',')]
     servers: Vec<String>,
     /// Requests in flight per server.

@@ -44,7 +44,7 @@ use sha2::{Digest, Sha256};
 
 use crate::dataset::ImageFolder;
 use crate::error::{Error, Result};
-use crate::jobs::write_atomic;
+use crate::jobs::{write_atomic, write_atomic_shared};
 use crate::model_folder::ModelSource;
 use crate::pipeline::output::OutputFormat;
 use crate::pipeline::request::{SynthesisParameters, SynthesisRequest};
@@ -788,7 +788,7 @@ fn check_job(path: &Path, job: &JobRecord) -> Result<()> {
     }
     let text =
         serde_json::to_string_pretty(job).map_err(|e| Error::Internal(format!("job.json: {e}")))?;
-    write_atomic(path, text.as_bytes())
+    write_atomic_shared(path, text.as_bytes())
 }
 
 /// Complete JSON lines of a file (a line cut by a kill is dropped).
@@ -997,7 +997,7 @@ fn merge_shards(out: &Path, state: &Path, n: usize) -> Result<bool> {
         .iter()
         .map(|l| serde_json::to_string(l).unwrap_or_default() + "\n")
         .collect();
-    write_atomic(&out.join("manifest.jsonl"), text.as_bytes())?;
+    write_atomic_shared(&out.join("manifest.jsonl"), text.as_bytes())?;
     Ok(true)
 }
 
@@ -1026,7 +1026,7 @@ fn write_coco(out: &Path, c: &coco::Coco, sources: &[Source]) -> Result<Vec<(Str
     images.sort_by_key(|i| i.id);
     let (doc, problems) = c.output(&images);
     let text = serde_json::to_string(&doc).map_err(|e| Error::Internal(e.to_string()))?;
-    write_atomic(&out.join("annotations.json"), text.as_bytes())?;
+    write_atomic_shared(&out.join("annotations.json"), text.as_bytes())?;
     Ok(problems)
 }
 

@@ -61,6 +61,12 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--out", type=Path, required=True)
     w.add_argument("--count", type=int, required=True)
     w.add_argument("--seed", type=int, default=0, help="the split: 0 training, 1 held-out evaluation")
+    d = ss.add_parser("dataset", help="a labelled dataset (images, masks, COCO, YOLO) for `lumen augment`")
+    d.add_argument("--out", type=Path, required=True)
+    d.add_argument("--count", type=int, required=True)
+    d.add_argument("--seed", type=int, default=1, help="the split (default 1: held out from training)")
+    sc = ss.add_parser("score-check", help="rank correlation of `lumen augment` scores with colour mIoU")
+    sc.add_argument("--augmented", type=Path, required=True, help="a `lumen augment --masks` output folder")
     b = ss.add_parser("base", help="random encoder and text encoder, tokenizer, scheduler, lumen.json")
     b.add_argument("--out", type=Path, required=True)
     b.add_argument("--seed", type=int, default=0)
@@ -91,6 +97,16 @@ def shapes(a: argparse.Namespace) -> None:
         from lumen_train.shapes.world import write_split
 
         write_split(a.out, a.seed, a.count)
+        return
+    if a.stage == "dataset":
+        from lumen_train.shapes.dataset import write_dataset
+
+        print(json.dumps(write_dataset(a.out, a.seed, a.count)))
+        return
+    if a.stage == "score-check":
+        from lumen_train.shapes.dataset import score_correlation
+
+        print(json.dumps(score_correlation(a.augmented), indent=1))
         return
     if a.stage == "base":
         from lumen_train.shapes.base import build
