@@ -102,10 +102,11 @@ pub fn run(a: SynthesizeArgs) -> Result<()> {
     // load, unless it scores the images afterwards.
     let lm = LayoutModel::load(&src, &device)?;
     let prepared = lm.prepare(&img, Some(plan.layout_size))?;
-    let layout = lm
-        .layouts(&[(&prepared, plan.components)])?
+    let full = lm
+        .layouts(&[(&prepared, bounds.layout.max_components)])?
         .pop()
         .ok_or_else(|| Error::Internal("no layout computed".into()))?;
+    let layout = full.truncate(plan.components)?;
     let scorer = plan.score.then_some(lm);
     let key = guide_key(&bounds.model, plan.layout_size, &bytes);
     let mut record = plan.parameters(layout_id(&key, plan.components), &bounds.model);
@@ -122,7 +123,7 @@ pub fn run(a: SynthesizeArgs) -> Result<()> {
     })?;
     bar.finish_and_clear();
     let scores = match &scorer {
-        Some(lm) => crate::pipeline::score::fidelity(lm, &layout, &images)?,
+        Some(lm) => crate::pipeline::score::fidelity(lm, &full, &images)?,
         None => Vec::new(),
     };
     let ext = a

@@ -251,7 +251,7 @@ impl Engine {
         let mut settings: Option<SynthesisSettings> = None;
         let mut items: Vec<(usize, SynthesisItem)> = Vec::new();
         let mut errors: Vec<Option<Error>> = (0..jobs.len()).map(|_| None).collect();
-        // Each job's layout at its K, kept where the job asks for scores.
+        // Each job's guide layout (Kmax), kept where the job asks for scores.
         let mut score_layouts: Vec<Option<Layout>> = (0..jobs.len()).map(|_| None).collect();
         for (i, job) in jobs.iter().enumerate() {
             let Work::Synthesis(s) = &job.work else {
@@ -270,7 +270,8 @@ impl Engine {
                 Ok(layout) => {
                     items.extend(s.plan.items(&layout).into_iter().map(|it| (i, it)));
                     if s.plan.score {
-                        score_layouts[i] = Some(layout);
+                        // Scored against the guide's whole (Kmax) layout.
+                        score_layouts[i] = Some((*full).clone());
                     }
                 }
                 Err(e) => errors[i] = Some(e),

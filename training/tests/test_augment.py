@@ -87,9 +87,9 @@ def test_augmented_coco_loads_and_matches_the_carried_masks(lumen, tmp_path):
 
 
 def test_score_ranks_outputs_like_their_colour_iou(lumen, tmp_path):
-    """Over outputs of several K, a higher score goes with a higher colour
-    mIoU against the carried-over mask (Spearman's rho; 0.56 over 576 outputs
-    in the README's measurement, asserted loosely here on 32)."""
+    """A higher score goes with a higher colour mIoU against the carried-over
+    mask (Spearman's rho; 0.8 over 576 outputs in the README's measurement,
+    asserted loosely here on 32), and, like the IoU, it rises with K."""
     data, out = tmp_path / "data", tmp_path / "out"
     write_dataset(data, 1, 8)
     augment(
@@ -99,6 +99,6 @@ def test_score_ranks_outputs_like_their_colour_iou(lumen, tmp_path):
     )
     r = score_correlation(out)
     assert r["outputs"] == 32
-    assert r["overall"] > 0.3, r
+    assert r["overall"] > 0.5, r
     assert r["k1"]["mean_colour_miou"] < r["k8"]["mean_colour_miou"], r
     assert r["k1"]["mean_score"] < r["k8"]["mean_score"], r

@@ -155,7 +155,7 @@ fn work(
         }
         let decode_ms = t2.elapsed().as_secs_f64() * 1e3;
         let t3 = Instant::now();
-        let scores = fidelity(&layouts, &layout, &images)?;
+        let scores = fidelity(&layouts, &cur.layout, &images)?;
         let score_ms = t3.elapsed().as_secs_f64() * 1e3;
         for (((t, img), record), score) in group.into_iter().zip(images).zip(records).zip(scores) {
             let t4 = Instant::now();
