@@ -7,9 +7,11 @@
 //! (Kmax, whatever K the image was made with). 1: the same layout up to
 //! scale; 0: unrelated.
 //!
-//! Why this measure (measured on the shapes model, 576 `lumen augment`
-//! outputs at K = 1, 2, 3, 8, Spearman's rho against the colour mIoU of the
-//! carried-over masks; README, "Augment a labelled dataset"):
+//! Why this measure (shapes model, `lumen augment` outputs at K = 1, 2, 3, 8,
+//! Spearman's rho against the colour mIoU of the carried-over masks: 0.88
+//! over 576 outputs; against the alternatives, on 239 of them, 0.83 vs 0.63
+//! for the first K, 0.63 for the per-patch cosine; README, "Augment a
+//! labelled dataset"):
 //! - over all Kmax components rather than the first K: the score then says
 //!   how much of the guide's layout the image kept, so it is comparable
 //!   across K (its mean rises with K as the IoU does) and one `--min-score`
