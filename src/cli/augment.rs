@@ -152,8 +152,11 @@ pub fn run(a: AugmentArgs) -> Result<()> {
         shard: augment::parse_shard(&a.shard)?,
         progress: !a.quiet,
     };
-    let report = augment::run(&opts, backend)?;
+    let mut report = augment::run(&opts, backend)?;
     print!("{}", augment::summary(&report, opts.min_score));
+    if let Some(e) = report.stopped.take() {
+        return Err(e);
+    }
     if !report.failed.is_empty() {
         return Err(Error::Internal(format!(
             "{} outputs could not be made; rerun the same command to retry them",

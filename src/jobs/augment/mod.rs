@@ -360,6 +360,10 @@ pub struct AugmentReport {
     pub failed_over: u64,
     /// Whether `manifest.jsonl` (and `annotations.json`) cover the whole job.
     pub complete: bool,
+    /// What stopped the job early (no server answering, OUT not writable, a
+    /// model error); what was written before stays and a rerun continues.
+    #[serde(skip)]
+    pub stopped: Option<Error>,
 }
 
 impl AugmentReport {
@@ -420,9 +424,11 @@ fn shard_tag((i, n): (usize, usize)) -> String {
     format!("{i}-of-{n}")
 }
 
-/// Run the job. `Err` only for what stops the whole job (bad options, an
-/// unwritable OUT, a model that does not load, no server answering); bad
-/// sources are listed in the report.
+/// Run the job. `Err` for what stops it before any image is made (bad
+/// options or labels files, a model that does not load); what stops it
+/// later (no server answering, OUT not writable) is in
+/// [`AugmentReport::stopped`] with the counts so far; bad sources are listed
+/// in the report.
 pub fn run(opts: &AugmentOptions, backend: Backend) -> Result<AugmentReport> {
     if opts.per_image == 0 {
         return Err(Error::param("per-image", "must be at least 1"));
@@ -733,7 +739,8 @@ pub fn run(opts: &AugmentOptions, backend: Backend) -> Result<AugmentReport> {
         Some(scores.iter().sum::<f64>() / scores.len() as f64)
     };
     if let Some(e) = fatal {
-        return Err(e);
+        report.stopped = Some(e);
+        return Ok(report);
     }
 
     // This shard is complete when nothing is missing but bad input.
@@ -1085,6 +1092,9 @@ pub fn summary(r: &AugmentReport, min_score: Option<f32>) -> String {
                 s += &format!("  {what}: {why}\n");
             }
         }
+    }
+    if let Some(e) = &r.stopped {
+        s += &format!("stopped: {e}\n");
     }
     if !r.complete {
         s += "incomplete: rerun the same command to finish";
