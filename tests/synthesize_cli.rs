@@ -285,8 +285,8 @@ fn bad_requests_are_refused_clearly() {
 fn dtype_and_output_format_follow_the_request_model() {
     let tmp = tempfile::tempdir().unwrap();
     let g = guide();
-    let run = |dtype: &str, out: &Path| {
-        ok(&[
+    let run_with = |dtype: &str, extra: &[&str], out: &Path| {
+        let mut args = vec![
             "synthesize",
             "--image",
             &g,
@@ -303,9 +303,12 @@ fn dtype_and_output_format_follow_the_request_model() {
             dtype,
             "--out",
             s(out),
-        ]);
+        ];
+        args.extend(extra);
+        ok(&args);
         image::open(out).unwrap().to_rgb8()
     };
+    let run = |dtype: &str, out: &Path| run_with(dtype, &[], out);
     let f32_img = run("f32", &tmp.path().join("a.png"));
     let f16_img = run("f16", &tmp.path().join("b.png"));
     let max = f32_img
@@ -316,6 +319,24 @@ fn dtype_and_output_format_follow_the_request_model() {
         .max()
         .unwrap();
     assert!(max <= 16, "f16 vs f32: max {max}/255");
+    // --vae-upcast: the VAE decodes in f32, so the image moves towards f32's.
+    let upcast = run_with("f16", &["--vae-upcast"], &tmp.path().join("u.png"));
+    let mean = |x: &image::RgbImage| {
+        f32_img
+            .as_raw()
+            .iter()
+            .zip(x.as_raw())
+            .map(|(a, b)| a.abs_diff(*b) as f64)
+            .sum::<f64>()
+            / x.as_raw().len() as f64
+    };
+    assert_ne!(upcast, f16_img, "--vae-upcast changed nothing");
+    assert!(
+        mean(&upcast) <= mean(&f16_img),
+        "upcast {} vs f16 {} (mean |Δ| to f32)",
+        mean(&upcast),
+        mean(&f16_img)
+    );
     let meta = lumen::png_text::read(
         &std::fs::read(tmp.path().join("a.png")).unwrap(),
         "parameters",

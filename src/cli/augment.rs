@@ -13,6 +13,7 @@ use crate::jobs::augment::{self, AugmentOptions, Backend, Prompts, RemoteOptions
 use crate::model_folder::ModelSource;
 use crate::pipeline::output::OutputFormat;
 use crate::pipeline::request::SynthesisRequest;
+use crate::pipeline::synthesis::Precision;
 
 #[derive(Args)]
 pub struct AugmentArgs {
@@ -123,7 +124,10 @@ pub fn run(a: AugmentArgs) -> Result<()> {
         let device = parse_device(&a.model.device)?;
         Backend::Local {
             source: ModelSource::from_arg(a.model.models.clone()),
-            dtype: parse_dtype(&a.sampling.dtype, &device)?,
+            precision: Precision::new(
+                parse_dtype(&a.sampling.dtype, &device)?,
+                a.sampling.vae_upcast,
+            ),
             device,
             batch: a.batch.max(1),
         }

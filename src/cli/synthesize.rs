@@ -17,7 +17,7 @@ use crate::pipeline::output::OutputFormat;
 use crate::pipeline::request::limits::DEFAULT_NUM_IMAGES;
 use crate::pipeline::request::{Bounds, GuideInfo, Limits, SynthesisRequest};
 use crate::pipeline::spec::ModelSpecs;
-use crate::pipeline::synthesis::SynthesisModel;
+use crate::pipeline::synthesis::{Precision, SynthesisModel};
 
 #[derive(Args)]
 pub struct SynthesizeArgs {
@@ -88,7 +88,10 @@ pub fn run(a: SynthesizeArgs) -> Result<()> {
         ));
     }
     let device = parse_device(&a.model.device)?;
-    let dtype = parse_dtype(&a.sampling.dtype, &device)?;
+    let precision = Precision::new(
+        parse_dtype(&a.sampling.dtype, &device)?,
+        a.sampling.vae_upcast,
+    );
     let src = ModelSource::from_arg(a.model.models.clone());
     let bounds = Bounds::new(&ModelSpecs::read(&src)?, Limits::default())?;
     // Every parameter is checked before any model loads.
@@ -112,7 +115,7 @@ pub fn run(a: SynthesizeArgs) -> Result<()> {
     let mut record = plan.parameters(layout_id(&key, plan.components), &bounds.model);
     record.latents = a.latents.as_ref().map(|p| p.display().to_string());
 
-    let model = SynthesisModel::load_as(&src, &device, dtype)?;
+    let model = SynthesisModel::load_with(&src, &device, precision)?;
     let mut items = plan.items(&layout);
     if let Some(l) = latents {
         items[0].latents = Some(l);

@@ -89,6 +89,8 @@ pub struct Vae {
     pub shift_factor: f64,
     pub latent_channels: usize,
     pub factor: usize,
+    /// The weights' (and the decode's) dtype.
+    pub dtype: DType,
 }
 
 impl Vae {
@@ -111,12 +113,15 @@ impl Vae {
             shift_factor: c.shift_factor,
             latent_channels: c.latent_channels,
             factor: c.factor(),
+            dtype,
         })
     }
 
-    /// Decode denoised latents into images in [-1, 1]: `[B, 3, h·f, w·f]`.
+    /// Decode denoised latents (any float dtype; converted to the VAE's)
+    /// into images in [-1, 1]: `[B, 3, h·f, w·f]`.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
-        let z = ((latents / self.scaling_factor)? + self.shift_factor)?;
+        let z = latents.to_dtype(self.dtype)?;
+        let z = ((z / self.scaling_factor)? + self.shift_factor)?;
         Ok(self.model.decode(&z)?)
     }
 }

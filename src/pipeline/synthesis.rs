@@ -38,6 +38,33 @@ pub struct SynthesisModel {
     dtype: DType,
 }
 
+/// The dtypes of the diffusion half.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Precision {
+    /// Text encoder, UNet, ControlNet (and the denoising loop).
+    pub weights: DType,
+    /// The VAE decode: f32 when upcast (SD1.5's VAE can overflow f16 at
+    /// large sizes; diffusers' `force_upcast`), else as the weights.
+    pub vae: DType,
+}
+
+impl Precision {
+    pub fn uniform(dtype: DType) -> Self {
+        Self {
+            weights: dtype,
+            vae: dtype,
+        }
+    }
+
+    /// `dtype` for the weights; the VAE in f32 when `vae_upcast`.
+    pub fn new(dtype: DType, vae_upcast: bool) -> Self {
+        Self {
+            weights: dtype,
+            vae: if vae_upcast { DType::F32 } else { dtype },
+        }
+    }
+}
+
 /// Per-request settings shared by a batch.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct SynthesisSettings {
@@ -70,11 +97,18 @@ impl SynthesisModel {
     /// [`Self::load`] with the weights (and the computation) in `dtype`:
     /// f32, or f16 / bf16 on a GPU.
     pub fn load_as(src: &ModelSource, device: &Device, dtype: DType) -> Result<Self> {
+        Self::load_with(src, device, Precision::uniform(dtype))
+    }
+
+    /// [`Self::load`] with the text encoder, UNet and ControlNet in
+    /// `p.weights` and the VAE in `p.vae`.
+    pub fn load_with(src: &ModelSource, device: &Device, p: Precision) -> Result<Self> {
+        let dtype = p.weights;
         let spec = SynthesisSpec::read(src)?;
         let text = TextConditioner::load(src, device, dtype)?;
         let unet = UNet::load(src, device, dtype)?;
         let controlnet = ControlNet::load(src, device, dtype)?;
-        let vae = Vae::load(src, device, dtype)?;
+        let vae = Vae::load(src, device, p.vae)?;
         let kmax = spec.max_components;
         let controlnet_config = src.path("controlnet/config.json");
         if controlnet.conditioning_channels != kmax {

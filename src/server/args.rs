@@ -24,6 +24,10 @@ pub struct ServeArgs {
     /// The DINOv2 encoder and PCA always run in f32.
     #[arg(long, env = "LUMEN_DTYPE", default_value = "auto")]
     pub dtype: String,
+    /// Decode with the VAE in f32 when the weights are f16 or bf16 (SD1.5's VAE can
+    /// overflow f16 at large sizes; diffusers' force_upcast). Costs the VAE's f32 memory.
+    #[arg(long, env = "LUMEN_VAE_UPCAST")]
+    pub vae_upcast: bool,
     /// Most images (or guides) one model call runs.
     #[arg(long, env = "LUMEN_MAX_BATCH", default_value_t = 4)]
     pub max_batch: usize,

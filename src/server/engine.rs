@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use candle_core::{DType, Device};
+use candle_core::Device;
 use image::RgbImage;
 use tokio::sync::oneshot;
 
@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 use crate::model_folder::ModelSource;
 use crate::pipeline::layout::{Layout, LayoutModel, PreparedGuide};
 use crate::pipeline::spec::ModelSpecs;
-use crate::pipeline::synthesis::{SynthesisItem, SynthesisModel, SynthesisSettings};
+use crate::pipeline::synthesis::{Precision, SynthesisItem, SynthesisModel, SynthesisSettings};
 use crate::server::metrics;
 use crate::server::queue::{BatchKey, Job, JobTimings, LayoutInput, Output, Work};
 
@@ -24,7 +24,7 @@ use crate::server::queue::{BatchKey, Job, JobTimings, LayoutInput, Output, Work}
 pub struct EngineOptions {
     pub source: ModelSource,
     pub device: Device,
-    pub dtype: DType,
+    pub precision: Precision,
     /// Most images one model call runs (a larger request is split).
     pub max_batch: usize,
 }
@@ -101,7 +101,7 @@ impl Engine {
     fn load(opts: EngineOptions) -> Result<Self> {
         let t = Instant::now();
         let layout = LayoutModel::load(&opts.source, &opts.device)?;
-        let synthesis = SynthesisModel::load_as(&opts.source, &opts.device, opts.dtype)?;
+        let synthesis = SynthesisModel::load_with(&opts.source, &opts.device, opts.precision)?;
         let specs = ModelSpecs {
             model: opts.source.identity(),
             layout: layout.spec().clone(),
@@ -110,7 +110,8 @@ impl Engine {
         tracing::info!(
             model = %specs.model,
             device = %crate::config::device_name(&opts.device),
-            dtype = %crate::config::dtype_name(opts.dtype),
+            dtype = %crate::config::dtype_name(opts.precision.weights),
+            vae_dtype = %crate::config::dtype_name(opts.precision.vae),
             seconds = t.elapsed().as_secs_f64(),
             "models loaded"
         );

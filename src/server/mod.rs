@@ -39,6 +39,7 @@ use crate::config::{device_name, dtype_name, parse_device, parse_dtype};
 use crate::error::{Error, Result};
 use crate::model_folder::ModelSource;
 use crate::pipeline::request::Bounds;
+use crate::pipeline::synthesis::Precision;
 use crate::server::engine::EngineOptions;
 use crate::server::queue::{BatchOptions, Queue};
 use crate::server::state::{AppState, Ready};
@@ -78,7 +79,8 @@ impl Service {
     pub fn start(args: &ServeArgs) -> Result<Self> {
         args.check()?;
         let device = parse_device(&args.device)?;
-        let dtype = parse_dtype(&args.dtype, &device)?;
+        let precision = Precision::new(parse_dtype(&args.dtype, &device)?, args.vae_upcast);
+        let dtype = precision.weights;
         let source = ModelSource::from_arg(args.models.clone());
         let limits = args.limits();
         let _ = metrics::handle();
@@ -101,7 +103,7 @@ impl Service {
         let (engine, ready, thread) = engine::start(EngineOptions {
             source,
             device: device.clone(),
-            dtype,
+            precision,
             max_batch: args.max_batch,
         })?;
         let batcher = tokio::spawn(queue::run_batcher(

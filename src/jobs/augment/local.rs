@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use candle_core::{DType, Device};
+use candle_core::Device;
 
 use super::{Dispatch, Generated, Outcome, Task};
 use crate::error::{Error, Result};
@@ -21,12 +21,12 @@ use crate::pipeline::layout_id::{guide_key, layout_id};
 use crate::pipeline::request::{Bounds, GuideInfo, Limits, SynthesisRequest};
 use crate::pipeline::score::fidelity;
 use crate::pipeline::spec::ModelSpecs;
-use crate::pipeline::synthesis::SynthesisModel;
+use crate::pipeline::synthesis::{Precision, SynthesisModel};
 
 pub struct LocalOptions {
     pub source: ModelSource,
     pub device: Device,
-    pub dtype: DType,
+    pub precision: Precision,
     pub batch: usize,
 }
 
@@ -69,7 +69,7 @@ fn work(
     tx: &SyncSender<Outcome>,
 ) -> Result<()> {
     let layouts = LayoutModel::load(&opts.source, &opts.device)?;
-    let model = SynthesisModel::load_as(&opts.source, &opts.device, opts.dtype)?;
+    let model = SynthesisModel::load_with(&opts.source, &opts.device, opts.precision)?;
     let kmax = bounds.layout.max_components;
     let layout_size = template.layout_size(bounds)?;
     let mut current: Option<Current> = None;

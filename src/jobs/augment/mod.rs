@@ -75,7 +75,7 @@ pub enum Backend {
     Local {
         source: ModelSource,
         device: candle_core::Device,
-        dtype: candle_core::DType,
+        precision: crate::pipeline::synthesis::Precision,
         /// Images per model call.
         batch: usize,
     },
@@ -636,13 +636,13 @@ pub fn run(opts: &AugmentOptions, backend: Backend) -> Result<AugmentReport> {
             Backend::Local {
                 source,
                 device,
-                dtype,
+                precision,
                 batch,
             } => local::spawn(
                 local::LocalOptions {
                     source,
                     device,
-                    dtype,
+                    precision,
                     batch,
                 },
                 opts.request.clone(),
