@@ -55,6 +55,24 @@ fn synth_with(extra: Value) -> Request<Body> {
     json("/synthesize", &synth_body(extra))
 }
 
+/// The multipart twin of `synth_with`'s usual request (the CLI test's
+/// parameters, seed 7) with one more text part.
+fn synth_form(img: &[u8], extra: (&str, &str)) -> Request<Body> {
+    form(
+        "/synthesize",
+        &[
+            ("image", Part::File(img)),
+            ("prompt", Part::Text("a quiet street")),
+            ("steps", Part::Text("3")),
+            ("width", Part::Text("64")),
+            ("height", Part::Text("48")),
+            ("scheduler", Part::Text("ddim")),
+            ("seed", Part::Text("7")),
+            (extra.0, Part::Text(extra.1)),
+        ],
+    )
+}
+
 fn with_header(mut req: Request<Body>, name: header::HeaderName, value: &str) -> Request<Body> {
     req.headers_mut().insert(name, value.parse().unwrap());
     req
@@ -459,20 +477,7 @@ async fn synthesize_matches_the_cli_in_every_format_and_input_form() {
 
     // Multipart with a file part gives the same image.
     let img = guide_bytes();
-    let m = call(form(
-        "/synthesize",
-        &[
-            ("image", Part::File(&img)),
-            ("prompt", Part::Text("a quiet street")),
-            ("steps", Part::Text("3")),
-            ("width", Part::Text("64")),
-            ("height", Part::Text("48")),
-            ("scheduler", Part::Text("ddim")),
-            ("seed", Part::Text("7")),
-            ("components", Part::Text("6")),
-        ],
-    ))
-    .await;
+    let m = call(synth_form(&img, ("components", "6"))).await;
     assert_eq!(m.status, StatusCode::OK);
     assert_eq!(rgb(&unb64(&m.json()["images"][0]["data"])), img0);
 }
@@ -514,20 +519,7 @@ async fn scores_come_when_asked_and_match_the_cli() {
         .unwrap();
     assert!((header_score - scores[0]).abs() < 1e-6);
     let img = guide_bytes();
-    let m = call(form(
-        "/synthesize",
-        &[
-            ("image", Part::File(&img)),
-            ("prompt", Part::Text("a quiet street")),
-            ("steps", Part::Text("3")),
-            ("width", Part::Text("64")),
-            ("height", Part::Text("48")),
-            ("scheduler", Part::Text("ddim")),
-            ("seed", Part::Text("7")),
-            ("score", Part::Text("true")),
-        ],
-    ))
-    .await;
+    let m = call(synth_form(&img, ("score", "true"))).await;
     assert_eq!(m.json()["images"][0]["score"].as_f64(), Some(scores[0]));
     let bad = call(form(
         "/synthesize",

@@ -660,6 +660,7 @@ pub fn run(opts: &AugmentOptions, backend: Backend) -> Result<AugmentReport> {
             out: &opts.out,
             sources: &sources,
             coco_ids: coco.is_some(),
+            mask: None,
         };
         let mut skipped_now: HashSet<usize> = HashSet::new();
         let mut handled = 0usize;
@@ -913,6 +914,8 @@ struct Writer<'a> {
     out: &'a Path,
     sources: &'a [Source],
     coco_ids: bool,
+    /// The last source's decoded mask: its outputs mostly arrive together.
+    mask: Option<(usize, mask::Mask)>,
 }
 
 impl Writer<'_> {
@@ -928,7 +931,13 @@ impl Writer<'_> {
         let fatal = WriteError::Fatal;
         let mut labels = Vec::new();
         if let Some(m) = &src.mask {
-            let mask = mask::Mask::read(m).map_err(|e| WriteError::Source(e.to_string()))?;
+            if self.mask.as_ref().map(|(s, _)| *s) != Some(g.task.source) {
+                let decoded = mask::Mask::read(m).map_err(|e| WriteError::Source(e.to_string()))?;
+                self.mask = Some((g.task.source, decoded));
+            }
+            let Some((_, mask)) = &self.mask else {
+                return Err(WriteError::Source("mask not read".into()));
+            };
             let bytes = mask
                 .resize_nearest(g.width, g.height)
                 .to_png()
