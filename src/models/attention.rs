@@ -4,9 +4,10 @@
 //! (batch × heads) axis in chunks sized so that one chunk's `[chunk, Nq, Nk]`
 //! scores stay under a budget.
 
-use candle_core::{DType, Device, Result, Storage, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 
 use super::cpu_attention;
+use super::nn::with_cpu_f32;
 
 /// Upper bound on the bytes of one chunk of attention scores.
 pub const SCORE_BUDGET_BYTES: usize = 256 << 20;
@@ -28,7 +29,7 @@ fn attend(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: bool) -> Resul
     let bh = b * h;
     if q.device().is_cpu() && q.dtype() == DType::F32 {
         let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-        let out = with_f32_slices(&q, &k, &v, |qs, ks, vs| {
+        let out = with_cpu_f32([&q, &k, &v], |[qs, ks, vs]| {
             cpu_attention::attention_f32(qs, ks, vs, bh, nq, nk, d, dv, scale as f32, causal)
         })?;
         return Tensor::from_vec(out, (b, h, nq, dv), &Device::Cpu);
@@ -67,30 +68,6 @@ fn causal_mask(nq: usize, nk: usize, dtype: DType, device: &Device) -> Result<Te
         .flat_map(|i| (0..nk).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
         .collect();
     Tensor::from_vec(mask, (nq, nk), device)?.to_dtype(dtype)
-}
-
-/// Borrow the host memory of three contiguous f32 CPU tensors.
-fn with_f32_slices<R>(
-    a: &Tensor,
-    b: &Tensor,
-    c: &Tensor,
-    f: impl FnOnce(&[f32], &[f32], &[f32]) -> R,
-) -> Result<R> {
-    let (sa, la) = a.storage_and_layout();
-    let (sb, lb) = b.storage_and_layout();
-    let (sc, lc) = c.storage_and_layout();
-    let slice = |s: &Storage, l: &candle_core::Layout| -> Result<*const [f32]> {
-        let (start, end) = l
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("attention input is not contiguous".into()))?;
-        match s {
-            Storage::Cpu(cpu) => Ok(&cpu.as_slice::<f32>()?[start..end] as *const [f32]),
-            _ => candle_core::bail!("attention input is not on the CPU"),
-        }
-    };
-    let (pa, pb, pc) = (slice(&sa, la)?, slice(&sb, lb)?, slice(&sc, lc)?);
-    // SAFETY: the storage guards above are held until `f` returns.
-    Ok(unsafe { f(&*pa, &*pb, &*pc) })
 }
 
 /// Split `[B, N, H·d]` into heads `[B, H, N, d]`.

@@ -15,8 +15,9 @@
 //! controlnet_mid_block                          (1×1 conv)
 //! ```
 
+use super::nn::{conv2d, Conv2d};
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{conv2d, Conv2d, Conv2dConfig};
+use candle_nn::Conv2dConfig;
 use serde_json::json;
 
 use crate::error::{Error, Result};

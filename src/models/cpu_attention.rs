@@ -264,7 +264,7 @@ fn softmax_generic(row: &mut [f32]) {
 /// (Cody–Waite split of ln2), a degree-7 Taylor polynomial for e^r, and 2^n
 /// assembled in the exponent bits. Results below 2^-126 flush to zero.
 #[inline(always)]
-fn exp_neg(x: f32) -> f32 {
+pub(crate) fn exp_neg(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;

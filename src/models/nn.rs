@@ -1,6 +1,6 @@
 //! Small building blocks shared by the models.
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Storage, Tensor};
 
 /// `nn.Linear` with its weight kept transposed (`[in, out]`, contiguous):
 /// a row-major right-hand side runs markedly faster in candle's CPU gemm
@@ -104,4 +104,221 @@ pub fn linear(
 ) -> crate::Result<Linear> {
     let (weight, bias) = w.linear_parts(in_dim, out_dim, bias)?;
     Ok(Linear::new(weight, bias)?)
+}
+
+/// `nn.Linear(cin, cout, bias)` from `vb` (`weight` [cout, cin], `bias`).
+pub fn linear_vb(
+    vb: &candle_nn::VarBuilder,
+    cin: usize,
+    cout: usize,
+    bias: bool,
+) -> Result<Linear> {
+    let w = vb.get((cout, cin), "weight")?;
+    let b = if bias {
+        Some(vb.get(cout, "bias")?)
+    } else {
+        None
+    };
+    Linear::new(w, b)
+}
+
+/// `nn.Conv2d` (`weight` [out, in/groups, kh, kw], optional `bias` [out]).
+/// f32 on the CPU runs lumen's own kernel ([`super::cpu_conv`]); other
+/// devices, dtypes and grouped convolutions use candle's.
+#[derive(Clone, Debug)]
+pub struct Conv2d {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    config: candle_nn::Conv2dConfig,
+}
+
+impl Conv2d {
+    pub fn new(
+        weight: Tensor,
+        bias: Option<Tensor>,
+        config: candle_nn::Conv2dConfig,
+    ) -> Result<Self> {
+        Ok(Self {
+            weight: weight.contiguous()?,
+            bias: bias.map(|b| b.contiguous()).transpose()?,
+            config,
+        })
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    fn forward_cpu_f32(&self, x: &Tensor) -> Result<Tensor> {
+        let (batch, c_in, h, w) = x.dims4()?;
+        let (c_out, wc_in, kh, kw) = self.weight.dims4()?;
+        if wc_in != c_in {
+            candle_core::bail!("conv2d: input has {c_in} channels, the weight expects {wc_in}");
+        }
+        let c = &self.config;
+        let shape = super::cpu_conv::ConvShape {
+            batch,
+            c_in,
+            h,
+            w,
+            c_out,
+            kh,
+            kw,
+            stride: c.stride,
+            padding: c.padding,
+            dilation: c.dilation,
+        };
+        if !shape.is_valid() {
+            candle_core::bail!("conv2d: a {kh}×{kw} kernel does not fit a {h}×{w} input");
+        }
+        let x = x.contiguous()?;
+        let out = match &self.bias {
+            Some(b) => with_cpu_f32([&x, &self.weight, b], |[x, wt, b]| {
+                super::cpu_conv::conv2d_f32(x, wt, Some(b), shape)
+            })?,
+            None => with_cpu_f32([&x, &self.weight], |[x, wt]| {
+                super::cpu_conv::conv2d_f32(x, wt, None, shape)
+            })?,
+        };
+        Tensor::from_vec(
+            out,
+            (batch, c_out, shape.out_h(), shape.out_w()),
+            x.device(),
+        )
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let c = &self.config;
+        if x.device().is_cpu()
+            && x.dtype() == DType::F32
+            && self.weight.dtype() == DType::F32
+            && c.groups == 1
+        {
+            return self.forward_cpu_f32(x);
+        }
+        let y = x.conv2d(&self.weight, c.padding, c.stride, c.dilation, c.groups)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?),
+            None => Ok(y),
+        }
+    }
+}
+
+/// `nn.Conv2d(c_in, c_out, kernel, …)` from `vb` (`weight`, and `bias`).
+pub fn conv2d(
+    c_in: usize,
+    c_out: usize,
+    kernel: usize,
+    config: candle_nn::Conv2dConfig,
+    vb: candle_nn::VarBuilder,
+) -> Result<Conv2d> {
+    let weight = vb.get((c_out, c_in / config.groups, kernel, kernel), "weight")?;
+    let bias = vb.get(c_out, "bias")?;
+    Conv2d::new(weight, Some(bias), config)
+}
+
+/// Borrow the host memory of contiguous f32 CPU tensors for the duration of `f`.
+pub fn with_cpu_f32<R, const N: usize>(
+    tensors: [&Tensor; N],
+    f: impl FnOnce([&[f32]; N]) -> R,
+) -> Result<R> {
+    let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices: [&[f32]; N] = [&[]; N];
+    for (slot, (storage, layout)) in slices.iter_mut().zip(&guards) {
+        let (start, end) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("kernel input is not contiguous".into()))?;
+        match &**storage {
+            Storage::Cpu(cpu) => {
+                let s: &[f32] = &cpu.as_slice::<f32>()?[start..end];
+                // SAFETY: the storage guards in `guards` outlive every use of
+                // the slices, which end when `f` returns below.
+                *slot = unsafe { &*(s as *const [f32]) };
+            }
+            _ => candle_core::bail!("kernel input is not on the CPU"),
+        }
+    }
+    let r = f(slices);
+    drop(guards);
+    Ok(r)
+}
+
+/// `nn.GroupNorm` (`weight`, `bias` [channels]); [`GroupNorm::forward_silu`]
+/// fuses the SiLU that usually follows. f32 on the CPU runs
+/// [`super::cpu_norm`]; everything else candle's composed GroupNorm.
+#[derive(Clone, Debug)]
+pub struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
+    fallback: candle_nn::GroupNorm,
+}
+
+impl GroupNorm {
+    pub fn new(weight: Tensor, bias: Tensor, groups: usize, eps: f64) -> Result<Self> {
+        let channels = weight.elem_count();
+        let fallback =
+            candle_nn::GroupNorm::new(weight.clone(), bias.clone(), channels, groups, eps)?;
+        Ok(Self {
+            weight: weight.contiguous()?,
+            bias: bias.contiguous()?,
+            groups,
+            eps,
+            fallback,
+        })
+    }
+
+    fn apply(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
+        let on_cpu_f32 =
+            x.device().is_cpu() && x.dtype() == DType::F32 && self.weight.dtype() == DType::F32;
+        if !on_cpu_f32 || x.rank() < 2 {
+            let y = self.fallback.forward(x)?;
+            return if silu { y.silu() } else { Ok(y) };
+        }
+        let channels = x.dim(1)?;
+        if channels != self.weight.elem_count() {
+            candle_core::bail!(
+                "group norm: {channels} channels, the weight has {}",
+                self.weight.elem_count()
+            );
+        }
+        let x = x.contiguous()?;
+        let pixels = x.dims()[2..].iter().product();
+        let out = with_cpu_f32([&x, &self.weight, &self.bias], |[xs, g, b]| {
+            super::cpu_norm::group_norm_f32(xs, channels, pixels, self.groups, self.eps, g, b, silu)
+        })?;
+        Tensor::from_vec(out, x.shape(), x.device())
+    }
+
+    /// SiLU(GroupNorm(x)).
+    pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        self.apply(x, true)
+    }
+}
+
+impl Module for GroupNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.apply(x, false)
+    }
+}
+
+/// `nn.GroupNorm(groups, channels, eps)` from `vb` (`weight`, `bias`).
+pub fn group_norm(
+    groups: usize,
+    channels: usize,
+    eps: f64,
+    vb: candle_nn::VarBuilder,
+) -> Result<GroupNorm> {
+    if groups == 0 || !channels.is_multiple_of(groups) {
+        candle_core::bail!("group norm: {channels} channels do not split into {groups} groups");
+    }
+    GroupNorm::new(
+        vb.get(channels, "weight")?,
+        vb.get(channels, "bias")?,
+        groups,
+        eps,
+    )
 }

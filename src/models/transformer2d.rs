@@ -17,21 +17,12 @@
 //! transformer_blocks.M.ff.net.2          4C → C
 //! ```
 
+use super::nn::{conv2d, Conv2d};
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{conv2d, Conv2d, GroupNorm, LayerNorm, VarBuilder};
+use candle_nn::{LayerNorm, VarBuilder};
 
 use crate::models::attention;
-use crate::models::nn::Linear;
-
-fn linear(vb: &VarBuilder, cin: usize, cout: usize, bias: bool) -> Result<Linear> {
-    let w = vb.get((cout, cin), "weight")?;
-    let b = if bias {
-        Some(vb.get(cout, "bias")?)
-    } else {
-        None
-    };
-    Linear::new(w, b)
-}
+use crate::models::nn::{group_norm, linear_vb as linear, GroupNorm, Linear};
 
 fn layer_norm(vb: &VarBuilder, dim: usize) -> Result<LayerNorm> {
     Ok(LayerNorm::new(
@@ -156,7 +147,7 @@ impl Transformer2D {
             })
         };
         Ok(Self {
-            norm: candle_nn::group_norm(groups, channels, 1e-6, vb.pp("norm"))?,
+            norm: group_norm(groups, channels, 1e-6, vb.pp("norm"))?,
             proj_in: proj("proj_in")?,
             blocks: (0..depth)
                 .map(|i| {

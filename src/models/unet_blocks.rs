@@ -8,10 +8,11 @@
 //! `mid_block.{resnets.M, attentions.0}`,
 //! `up_blocks.N.{resnets.M, attentions.M, upsamplers.0.conv}`.
 
+use super::nn::{conv2d, group_norm, Conv2d, GroupNorm};
+use crate::models::resnet::{ResnetBlock2D, ResnetConfig};
 use candle_core::{Module, Tensor};
-use candle_nn::{conv2d, Conv2d, Conv2dConfig, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
 use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbedding, Timesteps};
-use candle_transformers::models::stable_diffusion::resnet::{ResnetBlock2D, ResnetBlock2DConfig};
 
 use crate::models::transformer2d::Transformer2D;
 use crate::models::unet_layout::{BlockLayout, UNetLayout};
@@ -27,14 +28,12 @@ fn resnet(
 ) -> CResult<ResnetBlock2D> {
     ResnetBlock2D::new(
         vb,
-        cin,
-        ResnetBlock2DConfig {
-            out_channels: Some(cout),
+        ResnetConfig {
+            in_channels: cin,
+            out_channels: cout,
             temb_channels: Some(l.time_embed_dim()),
             groups: l.norm_num_groups,
-            groups_out: None,
             eps: l.norm_eps,
-            use_in_shortcut: None,
             output_scale_factor: scale,
         },
     )
@@ -230,7 +229,7 @@ struct UpBlock {
 /// The up blocks, `conv_norm_out` and `conv_out`.
 pub struct UpPath {
     blocks: Vec<UpBlock>,
-    norm_out: candle_nn::GroupNorm,
+    norm_out: GroupNorm,
     conv_out: Conv2d,
 }
 
@@ -277,12 +276,7 @@ impl UpPath {
         let c0 = l.blocks[0].out_channels;
         Ok(Self {
             blocks,
-            norm_out: candle_nn::group_norm(
-                l.norm_num_groups,
-                c0,
-                l.norm_eps,
-                vb.pp("conv_norm_out"),
-            )?,
+            norm_out: group_norm(l.norm_num_groups, c0, l.norm_eps, vb.pp("conv_norm_out"))?,
             conv_out: conv2d(c0, out_channels, 3, pad1, vb.pp("conv_out"))?,
         })
     }
@@ -312,7 +306,7 @@ impl UpPath {
                 x = up.forward(&x.upsample_nearest2d(h, w)?)?;
             }
         }
-        let x = self.norm_out.forward(&x)?.silu()?;
+        let x = self.norm_out.forward_silu(&x)?;
         self.conv_out.forward(&x)
     }
 }
