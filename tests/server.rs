@@ -312,6 +312,10 @@ fn bad_serve_options_fail_fast_with_the_culprit_named() {
     );
     common::fails_with(&["serve", "--port", "0", "--device", "tpu"], &["`device`"]);
     common::fails_with(
+        &["serve", "--port", "0", "--protect-all"],
+        &["`protect_all`", "--api-key"],
+    );
+    common::fails_with(
         &["serve", "--port", "0", "--max-steps", "0"],
         &["`max_steps`"],
     );
@@ -425,4 +429,106 @@ async fn a_client_that_vanishes_mid_synthesis_frees_the_engine() {
     .await;
     assert_eq!(status, StatusCode::OK);
     assert!(t.elapsed() < Duration::from_secs(10));
+}
+
+#[tokio::test]
+async fn protect_all_guards_metrics_and_docs_and_the_key_is_never_logged() {
+    const SECRET: &str = "k3y-that-must-never-appear-9f8e7d";
+    let (child, base, logs) = common::spawn_serve_env(
+        &["--api-key", SECRET, "--protect-all"],
+        None,
+        &[("RUST_LOG", "trace")],
+    );
+    let mut srv = Server {
+        child,
+        base,
+        client: Client::new(),
+        logs,
+    };
+    let t = Instant::now();
+    while srv
+        .client
+        .get(srv.url("/ready"))
+        .send()
+        .await
+        .map(|r| r.status())
+        .ok()
+        != Some(StatusCode::OK)
+    {
+        assert!(t.elapsed() < Duration::from_secs(60), "never ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let get = |path: &str, key: Option<&str>| {
+        let mut r = srv.client.get(srv.url(path));
+        if let Some(k) = key {
+            r = r.bearer_auth(k);
+        }
+        r.send()
+    };
+    // Probes stay open; the rest needs the key, in either header.
+    for path in ["/health", "/ready"] {
+        assert_eq!(
+            get(path, None).await.unwrap().status(),
+            StatusCode::OK,
+            "{path}"
+        );
+    }
+    for path in ["/metrics", "/openapi.json", "/docs/"] {
+        let wrong = format!("{SECRET}-but-wrong");
+        for key in [
+            None,
+            Some(wrong.as_str()),
+            Some(&SECRET[..SECRET.len() - 1]),
+        ] {
+            let r = get(path, key).await.unwrap();
+            assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "{path} with {key:?}");
+        }
+    }
+    for path in ["/metrics", "/openapi.json", "/docs/"] {
+        assert_eq!(
+            get(path, Some(SECRET)).await.unwrap().status(),
+            StatusCode::OK,
+            "{path}"
+        );
+        let r = srv
+            .client
+            .get(srv.url(path))
+            .header("x-api-key", SECRET)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{path} with x-api-key");
+    }
+    let body = json!({"image": b64(&guide_bytes())});
+    let r = srv
+        .client
+        .post(srv.url("/layout"))
+        .bearer_auth(SECRET)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    srv.terminate();
+    let t = Instant::now();
+    while srv.child.try_wait().unwrap().is_none() {
+        assert!(t.elapsed() < Duration::from_secs(30), "server did not exit");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Give the log reader a moment to drain the pipe.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let logs = srv.logs.lock().unwrap().join("\n");
+    assert!(
+        logs.lines().count() > 20 && logs.contains("TRACE"),
+        "trace logging was on: {}",
+        logs.len()
+    );
+    assert!(
+        logs.contains("/metrics") && logs.contains("/layout"),
+        "requests were logged"
+    );
+    assert!(
+        !logs.contains(SECRET) && !logs.contains(&SECRET[..SECRET.len() - 1]),
+        "the key leaked into the logs"
+    );
 }

@@ -58,6 +58,10 @@ pub struct ServeArgs {
     /// Require this key on /layout and /synthesize (`Authorization: Bearer KEY` or `X-API-Key: KEY`).
     #[arg(long, env = "LUMEN_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+    /// Also require the key on /metrics, /docs and /openapi.json (/health and
+    /// /ready stay open for probes). Needs --api-key.
+    #[arg(long, env = "LUMEN_PROTECT_ALL")]
+    pub protect_all: bool,
     /// Allowed CORS origins, comma-separated, or `*`; no CORS headers if omitted.
     #[arg(long, env = "LUMEN_CORS_ORIGIN", value_delimiter = ',')]
     pub cors_origin: Vec<String>,
@@ -96,6 +100,12 @@ impl ServeArgs {
         }
         if self.api_key.as_deref() == Some("") {
             return Err(Error::param("api_key", "must not be empty"));
+        }
+        if self.protect_all && self.api_key.is_none() {
+            return Err(Error::param(
+                "protect_all",
+                "needs --api-key (LUMEN_API_KEY)",
+            ));
         }
         Ok(())
     }

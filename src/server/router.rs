@@ -25,13 +25,18 @@ pub fn router(state: Arc<AppState>, cors_origins: &[String]) -> Result<Router> {
         .route("/layout", post(layout::layout))
         .route("/synthesize", post(synthesize::synthesize))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
-    let mut app = Router::new()
-        .merge(protected)
-        .route("/health", get(status::health))
-        .route("/ready", get(status::ready))
+    let mut about = Router::new()
         .route("/metrics", get(status::metrics))
         .route("/openapi.json", get(status::openapi))
-        .merge(SwaggerUi::new("/docs").config(utoipa_swagger_ui::Config::from("/openapi.json")))
+        .merge(SwaggerUi::new("/docs").config(utoipa_swagger_ui::Config::from("/openapi.json")));
+    if state.protect_all {
+        about = about.route_layer(middleware::from_fn_with_state(state.clone(), require_key));
+    }
+    let mut app = Router::new()
+        .merge(protected)
+        .merge(about)
+        .route("/health", get(status::health))
+        .route("/ready", get(status::ready))
         .fallback(status::no_route)
         .method_not_allowed_fallback(status::method_not_allowed)
         .layer(DefaultBodyLimit::max(state.body_limit))
@@ -95,11 +100,7 @@ async fn require_key(State(state): State<Arc<AppState>>, req: Request, next: Nex
                 .and_then(|v| v.strip_prefix("Bearer "))
         });
     match given {
-        Some(g) if constant_time_eq(g.trim().as_bytes(), key.as_bytes()) => next.run(req).await,
+        Some(g) if key.matches(g.trim()) => next.run(req).await,
         _ => ApiError::Unauthorized.into_response(),
     }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

@@ -31,6 +31,34 @@ pub struct CachedLayout {
     pub layout_size: u32,
 }
 
+/// The API key as its SHA-256 digest: the key itself is neither kept nor
+/// printable, and a guess is compared digest to digest in constant time, so
+/// neither its bytes nor its length show in the timing.
+pub struct ApiKey([u8; 32]);
+
+impl ApiKey {
+    pub fn new(key: &str) -> Self {
+        Self(Self::digest(key))
+    }
+
+    fn digest(s: &str) -> [u8; 32] {
+        use sha2::Digest;
+        sha2::Sha256::digest(s.as_bytes()).into()
+    }
+
+    /// Whether `given` is the key (constant time in its content).
+    pub fn matches(&self, given: &str) -> bool {
+        use subtle::ConstantTimeEq;
+        Self::digest(given).ct_eq(&self.0).into()
+    }
+}
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ApiKey(..)")
+    }
+}
+
 /// Shared by all handlers.
 pub struct AppState {
     pub ready: OnceLock<Arc<Ready>>,
@@ -38,7 +66,10 @@ pub struct AppState {
     pub cache: Mutex<lru::LruCache<String, CachedLayout>>,
     pub body_limit: usize,
     pub request_timeout: Duration,
-    pub api_key: Option<String>,
+    /// The API key, if one is required (only its digest is kept).
+    pub api_key: Option<ApiKey>,
+    /// The key also guards /metrics, /docs and /openapi.json.
+    pub protect_all: bool,
     pub shutting_down: AtomicBool,
     pub model_identity: String,
     /// The OpenAPI document before the models are loaded (no model bounds).

@@ -163,6 +163,19 @@ pub fn spawn_serve(
     String,
     std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 ) {
+    spawn_serve_env(extra, models, &[])
+}
+
+/// [`spawn_serve`] with extra environment variables (set last, so they win).
+pub fn spawn_serve_env(
+    extra: &[&str],
+    models: Option<&str>,
+    env: &[(&str, &str)],
+) -> (
+    std::process::Child,
+    String,
+    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+) {
     use std::io::BufRead;
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_lumen"));
     cmd.args([
@@ -182,6 +195,7 @@ pub fn spawn_serve(
         Some(m) => cmd.env("LUMEN_MODELS", m),
         None => cmd.env_remove("LUMEN_MODELS"),
     };
+    cmd.envs(env.iter().copied());
     let mut child = cmd.spawn().expect("lumen serve starts");
     let stderr = child.stderr.take().expect("stderr");
     let logs = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
