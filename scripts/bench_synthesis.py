@@ -27,6 +27,14 @@ Stages (identical on both sides; inputs are synthetic, timestep 500):
                   [2, 77, 768], conditioning [2, 64, S, S], scale 1.0), then
                   the UNet forward with its residuals
   vae_decode_S    vae.decode of one [1, 4, S/8, S/8] latent
+  image_S         (only when named) one whole S x S image: the guide's layout
+                  (DINOv2 forward at the model's layout size, PCA projection
+                  to the default K, zero-padded to Kmax, bilinear to S x S),
+                  then diffusers' StableDiffusionControlNetPipeline with the
+                  model's scheduler, --steps steps (default 20), guidance 7.5,
+                  negative prompt, decode to an image; lumen runs
+                  `lumen bench synthesis --stages image`, the same request
+                  path as `lumen synthesize`
 
 Python loads only what a stage needs (text encoder; ControlNet + UNet; VAE)
 and frees it before the next, and reports both its process peak
@@ -71,7 +79,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODELS = ROOT / "scripts/.cache/sd15-random"
-FAMILIES = ("text_encoder", "cfg_step", "vae_decode")
+FAMILIES = ("text_encoder", "cfg_step", "vae_decode", "image")
 PROMPT = "a red house by the sea"  # as lumen's bench
 NEGATIVE = "blurry, dark"
 TIMESTEP = 500.0
@@ -94,13 +102,13 @@ def select_stages(spec: str, sizes: list[int]) -> list[str]:
         if item in FAMILIES:
             names = [item] if item == "text_encoder" else [f"{item}_{s}" for s in sizes]
         else:
-            m = re.fullmatch(r"(cfg_step|vae_decode)_(\d+)", item)
+            m = re.fullmatch(r"(cfg_step|vae_decode|image)_(\d+)", item)
             if not m:
-                raise SystemExit(f"unknown stage {item!r}: use text_encoder, cfg_step[_S], vae_decode[_S]")
+                raise SystemExit(f"unknown stage {item!r}: use text_encoder, cfg_step[_S], vae_decode[_S], image[_S]")
             names = [item]
         wanted += [n for n in names if n not in wanted]
     all_sizes = sorted({int(n.rsplit("_", 1)[1]) for n in wanted if n != "text_encoder"})
-    order = ["text_encoder"] + [f"{f}_{s}" for f in ("cfg_step", "vae_decode") for s in all_sizes]
+    order = ["text_encoder"] + [f"{f}_{s}" for f in ("cfg_step", "vae_decode", "image") for s in all_sizes]
     return [n for n in order if n in wanted]
 
 
@@ -173,6 +181,8 @@ def run_lumen(a, stages: list[str], env: dict) -> dict:
                "--warmup", str(a.warmup), "--runs", str(a.runs)]
         if sizes:
             cmd += ["--sizes", ",".join(map(str, sizes))]
+        if "image" in fams:
+            cmd += ["--steps", str(a.steps)]
         cmds.append(" ".join(cmd))
         print(f"[lumen] {' '.join(cmd)}", file=sys.stderr, flush=True)
         try:
@@ -361,9 +371,83 @@ def run_python(a, stages: list[str]) -> dict:
             del vae
             gc.collect()
 
+        imgs = [s for s in stages if s.startswith("image_")]
+        if imgs:
+            reset_hwm()
+            run_images(a, imgs, stage_done, info)
+
     return {"timings": timings,
             "peak_rss_bytes": max(_PEAK_BEFORE_RESET, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024),
             "stage_peak_rss_bytes": rss if per_stage_rss else None, **info}
+
+
+def run_images(a, stages: list[str], stage_done, info: dict) -> None:
+    """image_S: layout (transformers' Dinov2Model + the PCA basis) and the diffusers
+    ControlNet pipeline, from the same model folder lumen reads."""
+    import json as _json
+
+    import diffusers
+    import numpy as np
+    import torch.nn.functional as F
+    from diffusers import (AutoencoderKL, ControlNetModel, StableDiffusionControlNetPipeline,
+                           UNet2DConditionModel)
+    from PIL import Image
+    from safetensors.torch import load_file
+    from transformers import CLIPTextModel, CLIPTokenizer, Dinov2Model
+
+    models = a.models
+    lumen_cfg = _json.loads((models / "lumen.json").read_text()) if (models / "lumen.json").exists() else {}
+    layout_size = int(lumen_cfg.get("layout_size", 518))
+    pca = load_file(models / "pca.safetensors")
+    kmax = pca["components"].shape[0]
+    k = int(lumen_cfg.get("default_components", kmax))
+    encoder = Dinov2Model.from_pretrained(models / "encoder", torch_dtype=torch.float32).eval()
+    patch = encoder.config.patch_size
+    sched_cfg = _json.loads((models / "scheduler/scheduler_config.json").read_text())
+    scheduler = getattr(diffusers, sched_cfg["_class_name"]).from_pretrained(models / "scheduler")
+    pipe = StableDiffusionControlNetPipeline(
+        vae=AutoencoderKL.from_pretrained(models / "vae", torch_dtype=torch.float32),
+        text_encoder=CLIPTextModel.from_pretrained(models / "text_encoder", torch_dtype=torch.float32),
+        tokenizer=CLIPTokenizer.from_pretrained(models / "tokenizer"),
+        unet=UNet2DConditionModel.from_pretrained(models / "unet", torch_dtype=torch.float32),
+        controlnet=ControlNetModel.from_pretrained(models / "controlnet", torch_dtype=torch.float32),
+        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    info["image_pipeline"] = f"StableDiffusionControlNetPipeline + {sched_cfg['_class_name']}, K {k} of {kmax}"
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    for name in stages:
+        s = split(name)[1]
+        guide = Image.fromarray(synthetic_guide(s, s))
+
+        def f():
+            # The guide at the layout size (shorter side, patch multiples), as lumen prepares it.
+            side = layout_size // patch * patch
+            g = guide.resize((side, side), Image.BICUBIC)
+            px = torch.from_numpy(np.asarray(g, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+            hidden = encoder(pixel_values=(px - mean) / std).last_hidden_state[:, 1:]
+            proj = (hidden[0] - pca["mean"]) @ pca["components"][:k].T
+            grid = side // patch
+            lay = proj.T.reshape(1, k, grid, grid)
+            lay = torch.cat([lay, torch.zeros(1, kmax - k, grid, grid)], 1)
+            cond = F.interpolate(lay, size=(s, s), mode="bilinear", align_corners=False)
+            return pipe(prompt=PROMPT, negative_prompt=NEGATIVE, image=cond, height=s, width=s,
+                        num_inference_steps=a.steps, guidance_scale=7.5, controlnet_conditioning_scale=1.0,
+                        generator=torch.Generator().manual_seed(0), output_type="np").images
+
+        stage_done(name, time_runs(f, a.warmup, a.runs))
+
+
+def synthetic_guide(width: int, height: int):
+    """lumen's bench guide (src/bench.rs synthetic_guide): colour regions with a ripple."""
+    import numpy as np
+
+    base = np.array([[200, 60, 40], [40, 160, 70], [50, 80, 200], [220, 210, 90], [120, 120, 120]], np.int32)
+    u = (np.arange(width, dtype=np.float32) / width)[None, :]
+    v = (np.arange(height, dtype=np.float32) / height)[:, None]
+    region = ((u * 3).astype(np.int32) + 2 * (v * 3).astype(np.int32)) % 5
+    ripple = np.clip((16 * np.sin(u * 20)).astype(np.int32), 0, None)
+    return np.clip(base[region] + ripple[..., None], 0, 255).astype(np.uint8)
 
 
 # ---------------------------------------------------------------------------
@@ -378,9 +462,10 @@ def main() -> int:
     ap.add_argument("--models", type=Path, default=DEFAULT_MODELS)
     ap.add_argument("--lumen", default=str(ROOT / "target/release/lumen"))
     ap.add_argument("--stages", default="text_encoder,cfg_step,vae_decode",
-                    help="comma-separated: text_encoder, cfg_step, vae_decode (at every --sizes) "
-                         "or cfg_step_S / vae_decode_S")
-    ap.add_argument("--sizes", default="256,512", help="output sides for the cfg_step / vae_decode families")
+                    help="comma-separated: text_encoder, cfg_step, vae_decode, image (at every --sizes) "
+                         "or cfg_step_S / vae_decode_S / image_S")
+    ap.add_argument("--sizes", default="256,512", help="output sides for the cfg_step / vae_decode / image families")
+    ap.add_argument("--steps", type=int, default=20, help="denoising steps of each image_S run")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)

@@ -157,3 +157,72 @@ pub fn bench_synthesis(
     }
     Ok(out)
 }
+
+/// What an `image_S` stage generates: one whole image per run, as
+/// `lumen synthesize` would, at S × S.
+pub struct ImageBench<'a> {
+    pub layout: &'a LayoutModel,
+    pub bounds: &'a crate::pipeline::request::Bounds,
+    /// Denoising steps per image.
+    pub steps: usize,
+}
+
+/// A deterministic guide image: smooth colour regions with edges, so the
+/// encoder sees structure (its content does not change the cost).
+pub fn synthetic_guide(width: u32, height: u32) -> image::RgbImage {
+    image::RgbImage::from_fn(width, height, |x, y| {
+        let (u, v) = (x as f32 / width as f32, y as f32 / height as f32);
+        let region = ((u * 3.0) as u32 + 2 * (v * 3.0) as u32) % 5;
+        let base = [
+            [200, 60, 40],
+            [40, 160, 70],
+            [50, 80, 200],
+            [220, 210, 90],
+            [120, 120, 120],
+        ][region as usize];
+        image::Rgb(base.map(|c: u8| c.saturating_add((16.0 * (u * 20.0).sin()) as u8)))
+    })
+}
+
+/// Time `image_S` for each side S: the guide's layout (encoder + PCA, the
+/// model's default K), both text encodings, `steps` denoising steps with
+/// classifier-free guidance (default scheduler and scales) and the decode to
+/// RGB, through the same request path as the CLI.
+pub fn bench_images(
+    model: &crate::pipeline::synthesis::SynthesisModel,
+    b: &ImageBench,
+    sizes: &[u32],
+    warmup: usize,
+    runs: usize,
+) -> Result<Vec<StageTiming>> {
+    use crate::pipeline::request::{GuideInfo, SynthesisRequest};
+    let mut out = Vec::new();
+    for &s in sizes {
+        let guide = synthetic_guide(s, s);
+        let request = SynthesisRequest {
+            prompt: Some("a red house by the sea".into()),
+            negative_prompt: Some("blurry, dark".into()),
+            steps: Some(b.steps),
+            width: Some(s),
+            height: Some(s),
+            seed: Some(0),
+            ..Default::default()
+        };
+        request.validate(b.bounds)?;
+        let plan = request.resolve(b.bounds, &GuideInfo::image(guide.dimensions()))?;
+        let kmax = b.bounds.layout.max_components;
+        let t = time_runs(model.device(), warmup, runs, || {
+            let prepared = b.layout.prepare(&guide, Some(plan.layout_size))?;
+            let full = b
+                .layout
+                .layouts(&[(&prepared, kmax)])?
+                .pop()
+                .ok_or_else(|| crate::error::Error::Internal("no layout computed".into()))?;
+            let layout = full.truncate(plan.components)?;
+            model.generate(&plan.settings, &plan.items(&layout), |_, _| {})?;
+            Ok(())
+        })?;
+        out.push(StageTiming::from_runs(format!("image_{s}"), t));
+    }
+    Ok(out)
+}

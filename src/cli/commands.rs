@@ -8,6 +8,8 @@ use crate::config::parse_device;
 use crate::error::{Error, Result};
 use crate::model_folder::ModelSource;
 use crate::pipeline::layout::LayoutModel;
+use crate::pipeline::request::{Bounds, Limits};
+use crate::pipeline::spec::ModelSpecs;
 use crate::pipeline::synthesis::SynthesisModel;
 use crate::server::ServeArgs;
 use crate::{bench, fetch};
@@ -101,9 +103,14 @@ pub struct BenchSynthesisArgs {
     /// Output sides to time (square), comma-separated.
     #[arg(long, value_delimiter = ',', default_values_t = [256u32, 512])]
     sizes: Vec<u32>,
-    /// Only these stages (text_encoder, cfg_step, vae_decode), comma-separated; all if omitted.
+    /// Only these stages, comma-separated: text_encoder, cfg_step, vae_decode
+    /// (all three if omitted), image (a whole image per run: layout, text,
+    /// --steps denoising steps with guidance, decode; only when named).
     #[arg(long, value_delimiter = ',')]
     stages: Vec<String>,
+    /// Denoising steps of each `image` run.
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
     /// Untimed warm-up runs.
     #[arg(long, default_value_t = 1)]
     warmup: usize,
@@ -162,7 +169,29 @@ pub fn bench(c: BenchCommand) -> Result<()> {
             if a.runs == 0 {
                 return Err(Error::param("runs", "must be at least 1"));
             }
-            let timings = bench::bench_synthesis(&model, &a.sizes, &a.stages, a.warmup, a.runs)?;
+            const STAGES: [&str; 4] = ["text_encoder", "cfg_step", "vae_decode", "image"];
+            if let Some(s) = a.stages.iter().find(|s| !STAGES.contains(&s.as_str())) {
+                return Err(Error::param(
+                    "stages",
+                    format!("unknown stage `{s}`; use {}", STAGES.join(", ")),
+                ));
+            }
+            let parts: Vec<String> = a.stages.iter().filter(|s| *s != "image").cloned().collect();
+            let mut timings = if a.stages.is_empty() || !parts.is_empty() {
+                bench::bench_synthesis(&model, &a.sizes, &parts, a.warmup, a.runs)?
+            } else {
+                Vec::new()
+            };
+            if a.stages.iter().any(|s| s == "image") {
+                let bounds = Bounds::new(&ModelSpecs::read(&src)?, Limits::default())?;
+                let layout = LayoutModel::load(&src, &device)?;
+                let b = bench::ImageBench {
+                    layout: &layout,
+                    bounds: &bounds,
+                    steps: a.steps,
+                };
+                timings.extend(bench::bench_images(&model, &b, &a.sizes, a.warmup, a.runs)?);
+            }
             let timings = timings
                 .into_iter()
                 .map(|t| serde_json::to_value(t).unwrap_or_default())
