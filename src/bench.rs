@@ -135,8 +135,8 @@ pub fn bench_synthesis(
     for &s in sizes {
         let s = s as usize;
         if wanted("cfg_step") {
-            let latents = synthetic(&[2, c, s / f, s / f], &device)?;
-            let cond = synthetic(&[2, kmax, s, s], &device)?;
+            let latents = synthetic(&[2, c, s / f, s / f], &device)?.to_dtype(model.dtype())?;
+            let cond = synthetic(&[2, kmax, s, s], &device)?.to_dtype(model.dtype())?;
             let t = time_runs(&device, warmup, runs, || {
                 let (down, mid) = model.controlnet.forward(&latents, 500.0, &text, &cond)?;
                 model
@@ -147,7 +147,7 @@ pub fn bench_synthesis(
             out.push(StageTiming::from_runs(format!("cfg_step_{s}"), t));
         }
         if wanted("vae_decode") {
-            let z = synthetic(&[1, c, s / f, s / f], &device)?;
+            let z = synthetic(&[1, c, s / f, s / f], &device)?.to_dtype(model.vae.dtype)?;
             let t = time_runs(&device, warmup, runs, || {
                 model.vae.decode(&z)?;
                 Ok(())

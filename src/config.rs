@@ -90,12 +90,17 @@ pub fn parse_device(spec: &str) -> Result<Device> {
 
 /// Turn `--dtype auto|f32|f16|bf16` into the dtype of the diffusion weights
 /// on `device`: `auto` is f16 on CUDA and f32 on the CPU. (The DINOv2 encoder
-/// and the PCA always run in f32.)
+/// and the PCA always run in f32.) bf16 is refused on the CPU, where candle
+/// 0.11 has no bf16 matrix product: the first step would fail.
 pub fn parse_dtype(spec: &str, device: &Device) -> Result<DType> {
     match spec.trim() {
         "auto" if device.is_cuda() => Ok(DType::F16),
         "auto" | "f32" => Ok(DType::F32),
         "f16" => Ok(DType::F16),
+        "bf16" if device.is_cpu() => Err(Error::param(
+            "dtype",
+            "bf16 runs on CUDA only: the CPU has no bf16 matrix product (use f32, or f16)",
+        )),
         "bf16" => Ok(DType::BF16),
         other => Err(Error::param(
             "dtype",

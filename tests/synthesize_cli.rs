@@ -357,6 +357,10 @@ fn dtype_and_output_format_follow_the_request_model() {
         fails_with(&args, needles);
     };
     bad(&["--dtype", "fp8", "--out", "x.png"], &["`dtype`", "fp8"]);
+    bad(
+        &["--dtype", "bf16", "--out", "x.png"],
+        &["`dtype`", "bf16", "CUDA only"],
+    );
     bad(&["--out", "x.gif"], &["`out`", ".webp"]);
     // Limits are the API's: at most 8 images, guidance within ±1000.
     bad(&["--num-images", "9", "--out", "x.png"], &["`num_images`"]);

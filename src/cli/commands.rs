@@ -111,6 +111,10 @@ pub struct BenchSynthesisArgs {
     /// Denoising steps of each `image` run.
     #[arg(long, default_value_t = 20)]
     steps: usize,
+    /// Diffusion weights' dtype: f32 (as the references), f16, bf16, or auto
+    /// (f16 on CUDA, f32 on CPU).
+    #[arg(long, default_value = "f32")]
+    dtype: String,
     /// Untimed warm-up runs.
     #[arg(long, default_value_t = 1)]
     warmup: usize,
@@ -158,7 +162,8 @@ pub fn bench(c: BenchCommand) -> Result<()> {
         BenchCommand::Synthesis(a) => {
             let device = parse_device(&a.model.device)?;
             let src = ModelSource::from_arg(a.model.models.clone());
-            let model = SynthesisModel::load(&src, &device)?;
+            let dtype = crate::config::parse_dtype(&a.dtype, &device)?;
+            let model = SynthesisModel::load_as(&src, &device, dtype)?;
             let m = model.size_multiple();
             if let Some(s) = a.sizes.iter().find(|s| **s == 0 || **s % m != 0) {
                 return Err(Error::param(

@@ -165,6 +165,11 @@ impl SynthesisModel {
         })
     }
 
+    /// The UNet's and ControlNet's dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
     pub fn device(&self) -> &Device {
         &self.device
     }
