@@ -171,27 +171,13 @@ pub fn conv2d_f32(x: &[f32], weight: &[f32], bias: Option<&[f32]>, s: ConvShape)
             // [k, n] with row stride rs, dst is [nc, n] with row stride
             // `pixels`; all in bounds by construction.
             unsafe {
-                gemm::gemm(
-                    nc,
-                    n,
-                    k,
-                    out_ptr,
-                    1,
-                    pixels as isize,
+                gemm_rows(
+                    (nc, n, k),
+                    (out_ptr, pixels),
                     bias.is_some(),
-                    weight[c0 * k..].as_ptr(),
-                    1,
-                    k as isize,
-                    rhs,
-                    1,
-                    rs as isize,
-                    1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
+                    (weight[c0 * k..].as_ptr(), k),
+                    (rhs, rs),
+                )
             }
         })
     });
@@ -199,6 +185,44 @@ pub fn conv2d_f32(x: &[f32], weight: &[f32], bias: Option<&[f32]>, s: ConvShape)
     // each wrote its block (bias fill or gemm without read_dst).
     unsafe { out.set_len(s.batch * s.c_out * pixels) };
     out
+}
+
+/// `dst[m, n] (+)= lhs[m, k] · rhs[k, n]`, single-threaded, all row-major
+/// with the given row strides (elements); with `accumulate`, dst is added to.
+///
+/// # Safety
+/// Each (pointer, row stride) must address a matrix of the given size.
+unsafe fn gemm_rows(
+    (m, n, k): (usize, usize, usize),
+    (dst, dst_rs): (*mut f32, usize),
+    accumulate: bool,
+    (lhs, lhs_rs): (*const f32, usize),
+    (rhs, rhs_rs): (*const f32, usize),
+) {
+    // SAFETY: forwarded to the caller.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_rs as isize,
+            accumulate,
+            lhs,
+            1,
+            lhs_rs as isize,
+            rhs,
+            1,
+            rhs_rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
 }
 
 /// Tasks (image, first row, rows, first channel, channels) covering `batch`
@@ -296,27 +320,13 @@ fn winograd_f32(x: &[f32], weight: &[f32], bias: Option<&[f32]>, s: ConvShape) -
                 // SAFETY: U[e] rows c0..c0+nc ([nc, c_in]), V[e] [c_in, n] and
                 // M[e] [nc, n], all row-major and inside their buffers.
                 unsafe {
-                    gemm::gemm(
-                        nc,
-                        n,
-                        c_in,
-                        m[e * nc * n..].as_mut_ptr(),
-                        1,
-                        n as isize,
+                    gemm_rows(
+                        (nc, n, c_in),
+                        (m[e * nc * n..].as_mut_ptr(), n),
                         false,
-                        u[(e * c_out + c0) * c_in..].as_ptr(),
-                        1,
-                        c_in as isize,
-                        v[e * c_in * n..].as_ptr(),
-                        1,
-                        n as isize,
-                        1.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    );
+                        (u[(e * c_out + c0) * c_in..].as_ptr(), c_in),
+                        (v[e * c_in * n..].as_ptr(), n),
+                    )
                 }
             }
             // Aᵀ·m·A per tile, plus the bias, into this task's output block.

@@ -145,10 +145,6 @@ impl Conv2d {
         })
     }
 
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
-    }
-
     fn forward_cpu_f32(&self, x: &Tensor) -> Result<Tensor> {
         let (batch, c_in, h, w) = x.dims4()?;
         let (c_out, wc_in, kh, kw) = self.weight.dims4()?;
