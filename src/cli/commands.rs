@@ -15,9 +15,14 @@ use crate::server::ServeArgs;
 use crate::{bench, fetch};
 
 pub fn serve(a: ServeArgs) -> Result<()> {
+    // Decoding and encoding images run on the blocking pool: more threads
+    // than cores gain nothing, so it is capped (tokio's default is 512, and
+    // a burst of uploads would start that many threads).
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("lumen-http")
+        .max_blocking_threads((2 * cores).max(4))
         .build()
         .map_err(|e| Error::Internal(format!("cannot start the async runtime: {e}")))?;
     runtime.block_on(crate::server::serve(a))

@@ -40,6 +40,19 @@ pub struct ServeArgs {
     /// A request not answered within this many seconds gets 503.
     #[arg(long, env = "LUMEN_REQUEST_TIMEOUT_S", default_value_t = 300)]
     pub request_timeout_s: u64,
+    /// A connection that has not sent a request's headers within this many
+    /// seconds is closed (slow clients, and idle keep-alive connections).
+    #[arg(long, env = "LUMEN_HEADER_TIMEOUT_S", default_value_t = 30)]
+    pub header_timeout_s: u64,
+    /// A request whose body has not fully arrived within this many seconds
+    /// gets 408 and its connection is closed.
+    #[arg(long, env = "LUMEN_BODY_TIMEOUT_S", default_value_t = 60)]
+    pub body_timeout_s: u64,
+    /// On SIGTERM, answer 503 on /ready but keep serving this many seconds
+    /// before closing the listener, so load balancers stop routing here first
+    /// (Kubernetes: a preStop sleep does the same). A second signal ends it.
+    #[arg(long, env = "LUMEN_SHUTDOWN_DELAY_S", default_value_t = 0)]
+    pub shutdown_delay_s: u64,
     /// Largest request body, in MiB.
     #[arg(long, env = "LUMEN_BODY_LIMIT_MB", default_value_t = 20)]
     pub body_limit_mb: usize,
@@ -80,6 +93,8 @@ impl ServeArgs {
             ("max_batch", self.max_batch as u64),
             ("max_queue", self.max_queue as u64),
             ("request_timeout_s", self.request_timeout_s),
+            ("header_timeout_s", self.header_timeout_s),
+            ("body_timeout_s", self.body_timeout_s),
             ("body_limit_mb", self.body_limit_mb as u64),
             ("layout_cache", self.layout_cache as u64),
         ];

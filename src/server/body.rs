@@ -106,7 +106,7 @@ impl Fields {
                 if len <= DRAIN_LIMIT {
                     let body = req.into_body();
                     let _ = tokio::time::timeout(
-                        std::time::Duration::from_secs(10),
+                        state.body_timeout.min(std::time::Duration::from_secs(10)),
                         axum::body::to_bytes(body, DRAIN_LIMIT),
                     )
                     .await;
@@ -116,12 +116,19 @@ impl Fields {
                 });
             }
         }
-        match mime.as_str() {
-            "application/json" => Self::json(state, req, types).await,
-            "multipart/form-data" => Self::multipart(state, req, types).await,
-            "" => Err(ApiError::UnsupportedMediaType("(none)".into())),
-            _ => Err(ApiError::UnsupportedMediaType(content_type)),
-        }
+        // A client that trickles its body is cut off at the deadline; it
+        // holds no queue slot meanwhile (jobs are queued once parsed).
+        let read = async {
+            match mime.as_str() {
+                "application/json" => Self::json(state, req, types).await,
+                "multipart/form-data" => Self::multipart(state, req, types).await,
+                "" => Err(ApiError::UnsupportedMediaType("(none)".into())),
+                _ => Err(ApiError::UnsupportedMediaType(content_type)),
+            }
+        };
+        tokio::time::timeout(state.body_timeout, read)
+            .await
+            .unwrap_or(Err(ApiError::BodyTimeout(state.body_timeout.as_secs())))
     }
 
     async fn json(

@@ -46,6 +46,9 @@ pub enum ApiError {
     #[error("the request did not finish within {0} s")]
     Timeout(u64),
 
+    #[error("the request body did not arrive within {0} s")]
+    BodyTimeout(u64),
+
     #[error("the models are still loading")]
     NotReady,
 }
@@ -83,6 +86,7 @@ impl ApiError {
             }
             ApiError::NotAcceptable { .. } => (StatusCode::NOT_ACCEPTABLE, "not_acceptable"),
             ApiError::Timeout(_) => (StatusCode::SERVICE_UNAVAILABLE, "timeout"),
+            ApiError::BodyTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "body_timeout"),
             ApiError::NotReady => (StatusCode::SERVICE_UNAVAILABLE, "not_ready"),
         }
     }

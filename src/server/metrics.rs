@@ -11,6 +11,9 @@
 //!   denoise, decode, encode_output).
 //! - `lumen_http_requests_total` (counter, labels `endpoint`, `status`) and
 //!   `lumen_http_request_duration_seconds` (histogram, label `endpoint`).
+//! - `lumen_http_connections_open` (gauge), `lumen_http_connections_total`
+//!   (counter): TCP connections; `lumen_http_header_timeouts_total`
+//!   (counter): connections closed because headers did not arrive in time.
 
 use std::sync::OnceLock;
 use std::time::Instant;
@@ -28,6 +31,9 @@ pub const DROPPED: &str = "lumen_queue_dropped_total";
 pub const STAGE_SECONDS: &str = "lumen_stage_duration_seconds";
 pub const REQUESTS: &str = "lumen_http_requests_total";
 pub const REQUEST_SECONDS: &str = "lumen_http_request_duration_seconds";
+pub const CONNECTIONS_OPEN: &str = "lumen_http_connections_open";
+pub const CONNECTIONS: &str = "lumen_http_connections_total";
+pub const HEADER_TIMEOUTS: &str = "lumen_http_header_timeouts_total";
 
 /// The process-wide recorder (installed on first use) and its renderer.
 pub fn handle() -> PrometheusHandle {
@@ -73,8 +79,39 @@ fn describe() {
         metrics::Unit::Seconds,
         "HTTP request duration by endpoint"
     );
+    metrics::describe_gauge!(CONNECTIONS_OPEN, "Open TCP connections");
+    metrics::describe_counter!(CONNECTIONS, "TCP connections accepted");
+    metrics::describe_counter!(
+        HEADER_TIMEOUTS,
+        "Connections closed because a request's headers did not arrive in time"
+    );
     metrics::gauge!(QUEUE_DEPTH).set(0.0);
     metrics::gauge!(IN_FLIGHT).set(0.0);
+    metrics::gauge!(CONNECTIONS_OPEN).set(0.0);
+    metrics::counter!(CONNECTIONS).absolute(0);
+    metrics::counter!(HEADER_TIMEOUTS).absolute(0);
+}
+
+/// One open connection, counted in `lumen_http_connections_open` until dropped.
+pub struct OpenConnection(());
+
+impl OpenConnection {
+    /// Count a connection just accepted.
+    pub fn accepted() -> Self {
+        metrics::counter!(CONNECTIONS).increment(1);
+        metrics::gauge!(CONNECTIONS_OPEN).increment(1.0);
+        Self(())
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        metrics::gauge!(CONNECTIONS_OPEN).decrement(1.0);
+    }
+}
+
+pub fn header_timeout() {
+    metrics::counter!(HEADER_TIMEOUTS).increment(1);
 }
 
 /// Record one stage duration.

@@ -7,6 +7,7 @@
 //!   multipart bodies into the request model; [`negotiate`] picks the
 //!   answer's media type.
 //! - [`api`]: the answers' wire types; [`openapi`]: the document.
+//! - [`conn`]: the accept loop (header timeout, graceful drain).
 //! - [`queue`]: admission (429), batching, dropping abandoned jobs.
 //! - [`engine`]: the inference thread.
 //! - [`error`]: the one error → status map.
@@ -16,6 +17,7 @@
 pub mod api;
 pub mod args;
 pub mod body;
+pub mod conn;
 pub mod engine;
 pub mod error;
 pub mod handlers;
@@ -94,6 +96,7 @@ impl Service {
             )),
             body_limit: args.body_limit_mb * 1024 * 1024,
             request_timeout: Duration::from_secs(args.request_timeout_s),
+            body_timeout: Duration::from_secs(args.body_timeout_s),
             api_key: args.api_key.as_deref().map(state::ApiKey::new),
             protect_all: args.protect_all,
             shutting_down: AtomicBool::new(false),
@@ -202,6 +205,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     let shutdown = {
         let state = service.state.clone();
         let load_error = load_error.clone();
+        let delay = Duration::from_secs(args.shutdown_delay_s);
         async move {
             let failed = async {
                 match load_failed {
@@ -209,20 +213,38 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
                     None => None,
                 }
             };
-            tokio::select! {
-                _ = shutdown_signal() => tracing::info!("shutdown signal: draining"),
+            let signalled = tokio::select! {
+                _ = shutdown_signal() => true,
                 Some(e) = failed => {
                     tracing::error!(error = %e, "cannot load the models");
                     *load_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                    false
+                }
+            };
+            // /ready answers 503 from here on.
+            state.shutting_down.store(true, Ordering::SeqCst);
+            if signalled && !delay.is_zero() {
+                // Keep serving until load balancers have seen /ready fail and
+                // route elsewhere; a second signal ends the wait.
+                tracing::info!(
+                    seconds = delay.as_secs(),
+                    "shutdown signal: not ready, still serving"
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown_signal() => {}
                 }
             }
-            state.shutting_down.store(true, Ordering::SeqCst);
+            tracing::info!("draining: no new connections, finishing the requests in flight");
         }
     };
-    axum::serve(listener, service.router.clone())
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(|e| Error::Internal(format!("server error: {e}")))?;
+    conn::serve_connections(
+        listener,
+        service.router.clone(),
+        Duration::from_secs(args.header_timeout_s),
+        shutdown,
+    )
+    .await;
 
     // Every connection is closed: no handler can enqueue any more.
     service.stop().await;

@@ -1,7 +1,7 @@
 //! What every handler shares: the loaded model's bounds (once ready), the
 //! queue, the layout cache and the service options.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -66,6 +66,8 @@ pub struct AppState {
     pub cache: Mutex<lru::LruCache<String, CachedLayout>>,
     pub body_limit: usize,
     pub request_timeout: Duration,
+    /// How long a request's whole body may take to arrive.
+    pub body_timeout: Duration,
     /// The API key, if one is required (only its digest is kept).
     pub api_key: Option<ApiKey>,
     /// The key also guards /metrics, /docs and /openapi.json.
@@ -77,11 +79,11 @@ pub struct AppState {
 }
 
 impl AppState {
-    /// The loaded models, or 503 while loading / shutting down.
+    /// The loaded models, or 503 while loading. A draining server still
+    /// answers the requests that reached it (`/ready` already says
+    /// `shutting_down`, so no new ones are routed here); the queue refuses
+    /// work only once it is closed.
     pub fn ready(&self) -> Result<Arc<Ready>, ApiError> {
-        if self.shutting_down.load(Ordering::SeqCst) {
-            return Err(ApiError::Lumen(crate::Error::ShuttingDown));
-        }
         self.ready.get().cloned().ok_or(ApiError::NotReady)
     }
 

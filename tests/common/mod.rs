@@ -222,6 +222,23 @@ pub fn spawn_serve_env(
     (child, format!("http://{addr}"), logs)
 }
 
+/// Wait until `GET {base}/ready` answers 200 (a minute at most).
+pub async fn wait_ready(client: &reqwest::Client, base: &str) {
+    let t = std::time::Instant::now();
+    loop {
+        if let Ok(r) = client.get(format!("{base}/ready")).send().await {
+            if r.status() == reqwest::StatusCode::OK {
+                return;
+            }
+        }
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(60),
+            "server never became ready"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 /// The guide image most HTTP tests use.
 pub fn guide_path() -> PathBuf {
     root().join("tests/fixtures/images/tiny-street.png")

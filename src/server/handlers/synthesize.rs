@@ -48,6 +48,7 @@ static TYPES: OnceLock<HashMap<String, FieldType>> = OnceLock::new();
         (status = 401, description = "Missing or wrong API key", body = ErrorBody),
         (status = 404, description = "Unknown layout_id", body = ErrorBody),
         (status = 406, description = "No acceptable response type", body = ErrorBody),
+        (status = 408, description = "The body did not arrive within the body timeout", body = ErrorBody),
         (status = 413, description = "Body over the limit", body = ErrorBody),
         (status = 415, description = "Body neither JSON nor multipart", body = ErrorBody),
         (status = 422, description = "Image cannot be decoded or is over the pixel limit", body = ErrorBody),
