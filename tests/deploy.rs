@@ -174,6 +174,45 @@ fn ports_probes_and_grace_periods_line_up() {
     }
 }
 
+/// The seconds of an HAProxy `timeout <name> <N>s` line.
+fn haproxy_timeout(cfg: &str, name: &str) -> u64 {
+    number_after(cfg, &format!("\n    timeout {name} "))
+}
+
+#[test]
+fn haproxy_config_matches_the_service() {
+    let cfg = read("docker/haproxy.cfg");
+    let compose = read("docker/compose.yaml");
+    let request_timeout = number_after(&compose, "LUMEN_REQUEST_TIMEOUT_S");
+    let max_queue = number_after(&compose, "LUMEN_MAX_QUEUE");
+    // Readiness-aware, and retries only what never got an answer.
+    assert!(cfg.contains("option httpchk GET /ready") && cfg.contains("expect status 200"));
+    assert!(cfg.contains("retry-on conn-failure empty-response"));
+    assert!(cfg.contains("option redispatch"));
+    // A replica's own timeout answers before HAProxy gives up on it.
+    assert!(haproxy_timeout(&cfg, "server") > request_timeout);
+    assert!(haproxy_timeout(&cfg, "client") > request_timeout);
+    // No more in flight per replica than its queue admits (no 429s).
+    let maxconn = number_after(&cfg, "rise 2 maxconn");
+    assert!(
+        maxconn <= max_queue,
+        "maxconn {maxconn} > LUMEN_MAX_QUEUE {max_queue}"
+    );
+    // It balances the compose fleet's service, on lumen's port.
+    assert!(cfg.contains("lumen-replica:8080") && compose.contains("  lumen-replica:"));
+    assert!(compose.contains("./haproxy.cfg:/usr/local/etc/haproxy/haproxy.cfg"));
+    // Replicas close idle kept-alive connections after the header timeout,
+    // which must not be shorter than HAProxy's own wait for a request.
+    // Replicas keep serving after SIGTERM for longer than HAProxy takes to
+    // see /ready fail (one check period, fall 1).
+    assert!(cfg.contains("inter 500ms fall 1"));
+    let delay = number_after(&compose, "LUMEN_SHUTDOWN_DELAY_S");
+    assert!(delay * 1000 > 500, "LUMEN_SHUTDOWN_DELAY_S {delay} s");
+    let help = ok(&["serve", "--help"]);
+    let header_timeout = number_after(&help, "LUMEN_HEADER_TIMEOUT_S=] [default");
+    assert!(haproxy_timeout(&cfg, "http-request") <= header_timeout);
+}
+
 #[test]
 fn readme_deploy_commands_name_real_files() {
     let readme = read("README.md");
