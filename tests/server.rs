@@ -554,20 +554,6 @@ async fn protect_all_guards_metrics_and_docs_and_the_key_is_never_logged() {
     );
 }
 
-/// The server's open file descriptors and threads (Linux /proc).
-fn fds_and_threads(pid: u32) -> (usize, usize) {
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or(0);
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let threads = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Threads:"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0);
-    (fds, threads)
-}
-
 /// Connect, send `head` then `trickle` one byte a second, and return how long
 /// until the server closed the connection and what it answered.
 fn trickle(base: &str, head: &str, trickle: &[u8]) -> (Duration, String) {
@@ -673,6 +659,10 @@ async fn slow_clients_are_cut_off_and_hold_no_queue_slot() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_burst_of_1000_dropped_connections_leaves_the_server_serving() {
+    let proc_fds_and_threads = |pid| {
+        let (_, fds, threads) = common::proc_sample(pid);
+        (fds, threads)
+    };
     let mut srv = Server::start(&["--header-timeout-s", "5"]).await;
     // No pooled connections of our own: every request below opens and closes one.
     srv.client = Client::builder().pool_max_idle_per_host(0).build().unwrap();
@@ -684,7 +674,7 @@ async fn a_burst_of_1000_dropped_connections_leaves_the_server_serving() {
     assert_eq!(r.status(), StatusCode::OK);
     drop(r.bytes().await);
     let addr = srv.base.trim_start_matches("http://").to_string();
-    let (fds_before, threads_before) = fds_and_threads(pid);
+    let (fds_before, threads_before) = proc_fds_and_threads(pid);
     let t = Instant::now();
     let opened = tokio::task::spawn_blocking(move || {
         use std::io::Write;
@@ -722,7 +712,7 @@ async fn a_burst_of_1000_dropped_connections_leaves_the_server_serving() {
     let t = Instant::now();
     loop {
         let m = srv.metrics().await;
-        let (fds, threads) = fds_and_threads(pid);
+        let (fds, threads) = proc_fds_and_threads(pid);
         // Open: only the one that asks for /metrics.
         if metric_sum(&m, "lumen_http_connections_open") <= 1.0 && fds <= fds_before {
             eprintln!(

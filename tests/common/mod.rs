@@ -239,6 +239,20 @@ pub async fn wait_ready(client: &reqwest::Client, base: &str) {
     }
 }
 
+/// RSS (bytes), open file descriptors and threads of a process.
+pub fn proc_sample(pid: u32) -> (u64, usize, usize) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
+    (field("VmRSS:") * 1024, fds, field("Threads:") as usize)
+}
+
 /// The guide image most HTTP tests use.
 pub fn guide_path() -> PathBuf {
     root().join("tests/fixtures/images/tiny-street.png")
