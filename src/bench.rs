@@ -138,10 +138,10 @@ pub fn bench_synthesis(
             let latents = synthetic(&[2, c, s / f, s / f], &device)?.to_dtype(model.dtype())?;
             let cond = synthetic(&[2, kmax, s, s], &device)?.to_dtype(model.dtype())?;
             let t = time_runs(&device, warmup, runs, || {
-                let (down, mid) = model.controlnet.forward(&latents, 500.0, &text, &cond)?;
+                let (down, mid) = model.controlnet.forward(&latents, &[500.0], &text, &cond)?;
                 model
                     .unet
-                    .forward(&latents, 500.0, &text, Some(&down), Some(&mid))?;
+                    .forward(&latents, &[500.0], &text, Some(&down), Some(&mid))?;
                 Ok(())
             })?;
             out.push(StageTiming::from_runs(format!("cfg_step_{s}"), t));

@@ -2,6 +2,7 @@
 //! same request model, output size rule and parameters record as the API.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use candle_core::{DType, Device};
 use clap::Args;
@@ -17,6 +18,7 @@ use crate::pipeline::output::OutputFormat;
 use crate::pipeline::request::limits::DEFAULT_NUM_IMAGES;
 use crate::pipeline::request::{Bounds, GuideInfo, Limits, SynthesisRequest};
 use crate::pipeline::spec::ModelSpecs;
+use crate::pipeline::generation::{run_to_end, Generated, Generation};
 use crate::pipeline::synthesis::{Precision, SynthesisModel};
 
 #[derive(Args)]
@@ -93,7 +95,8 @@ pub fn run(a: SynthesizeArgs) -> Result<()> {
         a.sampling.vae_upcast,
     );
     let src = ModelSource::from_arg(a.model.models.clone());
-    let bounds = Bounds::new(&ModelSpecs::read(&src)?, Limits::default())?;
+    let specs = ModelSpecs::read(&src)?;
+    let bounds = Bounds::new(&specs, Limits::default())?;
     // Every parameter is checked before any model loads.
     request.validate(&bounds)?;
     let bytes = std::fs::read(&a.image).map_err(|e| Error::io(&a.image, e))?;
@@ -103,32 +106,26 @@ pub fn run(a: SynthesizeArgs) -> Result<()> {
 
     // The layout first; the encoder is freed before the diffusion weights
     // load, unless it scores the images afterwards.
-    let lm = LayoutModel::load(&src, &device)?;
+    let lm = LayoutModel::load_spec(&src, specs.layout, &device)?;
     let prepared = lm.prepare(&img, Some(plan.layout_size))?;
     let full = lm
         .layouts(&[(&prepared, bounds.layout.max_components)])?
         .pop()
         .ok_or_else(|| Error::Internal("no layout computed".into()))?;
-    let layout = full.truncate(plan.components)?;
-    let scorer = plan.score.then_some(lm);
     let key = guide_key(&bounds.model, plan.layout_size, &bytes);
     let mut record = plan.parameters(layout_id(&key, plan.components), &bounds.model);
     record.latents = a.latents.as_ref().map(|p| p.display().to_string());
+    // The encoder stays loaded only to score the images afterwards.
+    let scorer = plan.score.then_some(lm);
+    let steps = plan.settings.steps as u64;
 
-    let model = SynthesisModel::load_with(&src, &device, precision)?;
-    let mut items = plan.items(&layout);
-    if let Some(l) = latents {
-        items[0].latents = Some(l);
-    }
-    let bar = progress_bar(plan.settings.steps as u64, a.quiet, "denoise");
-    let images = model.generate(&plan.settings, &items, |step, _| {
-        bar.set_position(step as u64)
-    })?;
+    let model = SynthesisModel::load_spec(&src, specs.synthesis, &device, precision)?;
+    let mut gens = [Generation::start(&model, plan, Arc::new(full), latents)?];
+    let bar = progress_bar(steps, a.quiet, "denoise");
+    run_to_end(&model, &mut gens, &mut |step, _| bar.set_position(step as u64))?;
     bar.finish_and_clear();
-    let scores = match &scorer {
-        Some(lm) => crate::pipeline::score::fidelity(lm, &full, &images)?,
-        None => Vec::new(),
-    };
+    let [gen] = gens;
+    let Generated { images, scores, .. } = gen.finish(&model, scorer.as_ref())?;
     let ext = a
         .out
         .extension()

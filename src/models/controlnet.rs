@@ -150,11 +150,11 @@ impl ControlNet {
     pub fn forward(
         &self,
         latents: &Tensor,
-        timestep: f64,
+        timesteps: &[f64],
         text: &Tensor,
         cond: &Tensor,
     ) -> Result<(Vec<Tensor>, Tensor)> {
-        let temb = self.down.time(timestep, latents)?;
+        let temb = self.down.time(timesteps, latents)?;
         let cond = self.cond_embedding.forward(cond)?;
         let x = (self.down.conv_in.forward(latents)? + cond)?;
         let (x, skips) = self.down.forward(x, &temb, text)?;

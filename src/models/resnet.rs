@@ -61,13 +61,24 @@ impl ResnetBlock2D {
         })
     }
 
-    /// `x` [B, C, H, W]; `temb` [B, T] (the raw time embedding: SiLU is
+    /// `x` [B, C, H, W]; `temb` [1 or B, T] (the raw time embedding: SiLU is
     /// applied here, as diffusers does) when the block has a projection.
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
         let h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
         let h = match (temb, &self.time_emb_proj) {
             (Some(t), Some(proj)) => {
-                let t = proj.forward(&t.silu()?)?;
+                let t = t.silu()?;
+                let t = if t.dim(0)? > 1 && t.device().is_cpu() {
+                    // Row by row on the CPU, each row as a batch of one
+                    // would project it: the bits of a row do not depend on
+                    // its neighbours (cuBLAS is not batch-invariant anyway).
+                    let rows = (0..t.dim(0)?)
+                        .map(|i| proj.forward(&t.narrow(0, i, 1)?))
+                        .collect::<Result<Vec<_>>>()?;
+                    Tensor::cat(&rows, 0)?
+                } else {
+                    proj.forward(&t)?
+                };
                 h.broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?)?
             }
             _ => h,

@@ -64,12 +64,12 @@ impl UNet {
     pub fn forward(
         &self,
         latents: &Tensor,
-        timestep: f64,
+        timesteps: &[f64],
         text: &Tensor,
         down_residuals: Option<&[Tensor]>,
         mid_residual: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let temb = self.down.time(timestep, latents)?;
+        let temb = self.down.time(timesteps, latents)?;
         let x = self.down.conv_in.forward(latents)?;
         let (mut x, mut skips) = self.down.forward(x, &temb, text)?;
         if let Some(res) = down_residuals {

@@ -183,13 +183,37 @@ impl DownPath {
         })
     }
 
-    /// The time embedding `[1, C]` at `timestep` (broadcast over the batch).
-    pub fn time(&self, timestep: f64, like: &Tensor) -> CResult<Tensor> {
-        // One row, broadcast over the batch by the resnets: every item shares
-        // the timestep, and a fixed shape keeps the result independent of the
-        // batch size (gemm takes other paths for other row counts).
-        let t = (Tensor::ones(1, like.dtype(), like.device())? * timestep)?;
-        self.time_embedding.forward(&self.time_proj.forward(&t)?)
+    /// The time embedding of each batch row: `[1, C]` when every row shares
+    /// one timestep (broadcast over the batch by the resnets), else `[B, C]`.
+    /// Each distinct timestep is embedded as one row of its own: a fixed
+    /// shape keeps the result independent of the batch and of its other
+    /// rows (gemm takes other paths for other row counts), so an image gets
+    /// the same bits alone or beside items at other steps.
+    pub fn time(&self, timesteps: &[f64], like: &Tensor) -> CResult<Tensor> {
+        let one = |t: f64| -> CResult<Tensor> {
+            let t = (Tensor::ones(1, like.dtype(), like.device())? * t)?;
+            self.time_embedding.forward(&self.time_proj.forward(&t)?)
+        };
+        let Some(&first) = timesteps.first() else {
+            candle_core::bail!("no timestep for the batch");
+        };
+        if timesteps.iter().all(|&t| t == first) {
+            return one(first);
+        }
+        let mut distinct: Vec<(f64, Tensor)> = Vec::new();
+        let mut rows = Vec::with_capacity(timesteps.len());
+        for &t in timesteps {
+            let row = match distinct.iter().find(|(d, _)| *d == t) {
+                Some((_, r)) => r.clone(),
+                None => {
+                    let r = one(t)?;
+                    distinct.push((t, r.clone()));
+                    r
+                }
+            };
+            rows.push(row);
+        }
+        Tensor::cat(&rows, 0)
     }
 
     /// Run the down blocks and the mid block on `x` (already through

@@ -47,7 +47,11 @@ pub struct Layout {
 impl LayoutModel {
     /// Load encoder and PCA basis of a model folder onto `device` (in f32).
     pub fn load(src: &ModelSource, device: &Device) -> Result<Self> {
-        let spec = LayoutSpec::read(src)?;
+        Self::load_spec(src, LayoutSpec::read(src)?, device)
+    }
+
+    /// [`Self::load`] with the spec already read (see [`crate::pipeline::spec::ModelSpecs`]).
+    pub fn load_spec(src: &ModelSource, spec: LayoutSpec, device: &Device) -> Result<Self> {
         let encoder = Dinov2::load(src, device, DType::F32)?;
         let pca = Pca::load(src, device)?;
         Ok(Self { encoder, pca, spec })

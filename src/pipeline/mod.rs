@@ -2,7 +2,9 @@
 //! neural layout, PCA fitting, layout-conditioned synthesis, encoded outputs.
 //! No HTTP here.
 
+pub mod denoise;
 pub mod fit_pca;
+pub mod generation;
 pub mod layout;
 pub mod layout_id;
 pub mod output;

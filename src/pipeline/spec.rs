@@ -111,6 +111,12 @@ impl SynthesisSpec {
     /// From the UNet, VAE and scheduler configs and the PCA basis; fails when
     /// a component synthesis needs is missing.
     pub fn read(src: &ModelSource) -> Result<Self> {
+        Self::read_with(src, Pca::load(src, &Device::Cpu)?.max_components())
+    }
+
+    /// [`Self::read`] with Kmax already known (from the [`LayoutSpec`]), so
+    /// the basis is not read again.
+    pub fn read_with(src: &ModelSource, kmax: usize) -> Result<Self> {
         let components: [(&str, &[&str]); 6] = [
             ("unet", &["unet/config.json"]),
             ("controlnet", &["controlnet/config.json"]),
@@ -133,7 +139,6 @@ impl SynthesisSpec {
         let unet = UNetLayout::from_config(&src.diffusers_config("unet/config.json")?)?;
         let vae = VaeConfig::read(src)?;
         let scheduler_config: serde_json::Value = src.read_json(SCHEDULER_CONFIG)?;
-        let kmax = Pca::load(src, &Device::Cpu)?.max_components();
         Ok(Self {
             size_multiple: (vae.factor() * unet.downsample_factor()) as u32,
             vae_factor: vae.factor(),
@@ -208,10 +213,11 @@ pub struct ModelSpecs {
 impl ModelSpecs {
     /// Read both halves' specs from a model folder's configs.
     pub fn read(src: &ModelSource) -> Result<Self> {
+        let layout = LayoutSpec::read(src)?;
         Ok(Self {
             model: src.identity(),
-            layout: LayoutSpec::read(src)?,
-            synthesis: SynthesisSpec::read(src)?,
+            synthesis: SynthesisSpec::read_with(src, layout.max_components)?,
+            layout,
         })
     }
 }

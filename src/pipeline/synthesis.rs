@@ -22,6 +22,7 @@ use crate::models::controlnet::ControlNet;
 use crate::models::schedulers::SchedulerKind;
 use crate::models::unet::UNet;
 use crate::models::vae::{Vae, VaeConfig};
+use crate::pipeline::denoise::Denoising;
 use crate::pipeline::layout::Layout;
 use crate::pipeline::spec::SynthesisSpec;
 
@@ -103,8 +104,18 @@ impl SynthesisModel {
     /// [`Self::load`] with the text encoder, UNet and ControlNet in
     /// `p.weights` and the VAE in `p.vae`.
     pub fn load_with(src: &ModelSource, device: &Device, p: Precision) -> Result<Self> {
+        Self::load_spec(src, SynthesisSpec::read(src)?, device, p)
+    }
+
+    /// [`Self::load_with`] with the spec already read (see
+    /// [`crate::pipeline::spec::ModelSpecs`]).
+    pub fn load_spec(
+        src: &ModelSource,
+        spec: SynthesisSpec,
+        device: &Device,
+        p: Precision,
+    ) -> Result<Self> {
         let dtype = p.weights;
-        let spec = SynthesisSpec::read(src)?;
         let text = TextConditioner::load(src, device, dtype)?;
         let unet = UNet::load(src, device, dtype)?;
         let controlnet = ControlNet::load(src, device, dtype)?;
@@ -285,7 +296,8 @@ impl SynthesisModel {
         self.denoise_with(s, items, progress, &mut |_, _| Ok(()))
     }
 
-    /// [`Self::denoise`] with a hook that sees each step's guided noise prediction.
+    /// [`Self::denoise`] with a hook that sees each step's guided noise
+    /// prediction. The loop is [`Denoising`]'s, stepped to its end.
     pub fn denoise_with(
         &self,
         s: &SynthesisSettings,
@@ -296,93 +308,9 @@ impl SynthesisModel {
         if items.is_empty() {
             return Err(Error::param("num_images", "nothing to generate"));
         }
-        self.check_batch(s, items)?;
-        let b = items.len();
-        let cfg = items[0].guidance > 1.0;
-        if items.iter().any(|it| (it.guidance > 1.0) != cfg) {
-            return Err(Error::Internal(
-                "a batch mixes guided and unguided items".into(),
-            ));
-        }
-        let mut scheduler = self.spec.scheduler(s.scheduler, s.steps)?;
-
-        // Text: [uncond_1..B, cond_1..B] with guidance, [cond_1..B] without.
-        let mut uncond = Vec::with_capacity(b);
-        let mut cond = Vec::with_capacity(b);
-        for it in items {
-            let e = self.text_embeddings(&it.prompt, &it.negative_prompt, cfg)?;
-            if cfg {
-                uncond.push(e.narrow(0, 0, 1)?);
-                cond.push(e.narrow(0, 1, 1)?);
-            } else {
-                cond.push(e);
-            }
-        }
-        let text = Tensor::cat(&[uncond, cond].concat(), 0)?;
-        let conds = items
-            .iter()
-            .map(|it| self.conditioning(&it.layout, s.width, s.height))
-            .collect::<Result<Vec<_>>>()?;
-        let control = Tensor::cat(&conds, 0)?;
-        let control = if cfg {
-            Tensor::cat(&[&control, &control], 0)?
-        } else {
-            control
-        };
-        let scales: Vec<f32> = items.iter().map(|it| it.control_scale as f32).collect();
-        let scales = if cfg {
-            [scales.clone(), scales].concat()
-        } else {
-            scales
-        };
-        let n = scales.len();
-        let control_scale =
-            Tensor::from_vec(scales, (n, 1, 1, 1), &self.device)?.to_dtype(self.dtype)?;
-        let guidance: Vec<f32> = items.iter().map(|it| it.guidance as f32).collect();
-        let guidance =
-            Tensor::from_vec(guidance, (b, 1, 1, 1), &self.device)?.to_dtype(self.dtype)?;
-
-        let init = items
-            .iter()
-            .map(|it| match &it.latents {
-                Some(l) => Ok(l.clone()),
-                None => self.seeded_latents(s, it.seed),
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let mut x = (Tensor::cat(&init, 0)?
-            .to_device(&self.device)?
-            .to_dtype(self.dtype)?
-            * scheduler.init_noise_sigma())?;
-
-        let timesteps = scheduler.timesteps().to_vec();
-        for (i, &t) in timesteps.iter().enumerate() {
-            let input = if cfg {
-                Tensor::cat(&[&x, &x], 0)?
-            } else {
-                x.clone()
-            };
-            let input = scheduler.scale_model_input(&input, i)?;
-            let (down, mid) = self.controlnet.forward(&input, t, &text, &control)?;
-            let down = down
-                .iter()
-                .map(|d| d.broadcast_mul(&control_scale))
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            let mid = mid.broadcast_mul(&control_scale)?;
-            let eps = self
-                .unet
-                .forward(&input, t, &text, Some(&down), Some(&mid))?;
-            let eps = if cfg {
-                let u = eps.narrow(0, 0, b)?;
-                let c = eps.narrow(0, b, b)?;
-                (&u + (c - &u)?.broadcast_mul(&guidance)?)?
-            } else {
-                eps
-            };
-            on_noise_pred(i, &eps)?;
-            x = scheduler.step(&eps, i, &x)?;
-            progress(i + 1, timesteps.len());
-        }
-        Ok(x)
+        let mut d = Denoising::new(self, s, items)?;
+        self.run_to_end(&mut d, progress, on_noise_pred)?;
+        Ok(d.latents().clone())
     }
 
     /// Decode one image's latents `[1, C, h, w]` to 8-bit RGB, as diffusers'

@@ -19,7 +19,7 @@ use crate::model_folder::ModelSource;
 use crate::pipeline::layout::{Layout, LayoutModel};
 use crate::pipeline::layout_id::{guide_key, layout_id};
 use crate::pipeline::request::{Bounds, GuideInfo, Limits, SynthesisRequest};
-use crate::pipeline::score::fidelity;
+use crate::pipeline::generation::{run_to_end, Generation};
 use crate::pipeline::spec::ModelSpecs;
 use crate::pipeline::synthesis::{Precision, SynthesisModel};
 
@@ -38,12 +38,13 @@ pub fn spawn(
     dispatch: Arc<Dispatch>,
     tx: SyncSender<Outcome>,
 ) -> Result<Vec<JoinHandle<()>>> {
-    let bounds = Bounds::new(&ModelSpecs::read(&opts.source)?, Limits::default())?;
+    let specs = ModelSpecs::read(&opts.source)?;
+    let bounds = Bounds::new(&specs, Limits::default())?;
     template.validate(&bounds)?;
     let handle = std::thread::Builder::new()
         .name("lumen-augment".into())
         .spawn(move || {
-            if let Err(e) = work(&opts, &bounds, &template, &guides, &dispatch, &tx) {
+            if let Err(e) = work(&opts, specs, &bounds, &template, &guides, &dispatch, &tx) {
                 let _ = tx.send(Outcome::Fatal(e));
                 dispatch.halt();
             }
@@ -57,19 +58,21 @@ struct Current {
     source: usize,
     bytes: Vec<u8>,
     size: (u32, u32),
-    layout: Layout,
+    layout: Arc<Layout>,
 }
 
 fn work(
     opts: &LocalOptions,
+    specs: ModelSpecs,
     bounds: &Bounds,
     template: &SynthesisRequest,
     guides: &[PathBuf],
     dispatch: &Dispatch,
     tx: &SyncSender<Outcome>,
 ) -> Result<()> {
-    let layouts = LayoutModel::load(&opts.source, &opts.device)?;
-    let model = SynthesisModel::load_with(&opts.source, &opts.device, opts.precision)?;
+    let layouts = LayoutModel::load_spec(&opts.source, specs.layout, &opts.device)?;
+    let model =
+        SynthesisModel::load_spec(&opts.source, specs.synthesis, &opts.device, opts.precision)?;
     let kmax = bounds.layout.max_components;
     let layout_size = template.layout_size(bounds)?;
     let mut current: Option<Current> = None;
@@ -113,19 +116,17 @@ fn work(
                 source: first.source,
                 bytes,
                 size: img.dimensions(),
-                layout,
+                layout: Arc::new(layout),
             });
         }
         let Some(cur) = current.as_ref() else {
             dispatch.finish(n);
             continue;
         };
-        // One plan per output; they share size, steps and scheduler.
-        let mut items = Vec::with_capacity(n);
-        let mut records = Vec::with_capacity(n);
-        let layout = cur.layout.truncate(first.components)?;
+        // One plan (and generation) per output, stepped together.
         let key = guide_key(&bounds.model, layout_size, &cur.bytes);
-        let mut settings = None;
+        let mut records = Vec::with_capacity(n);
+        let mut gens = Vec::with_capacity(n);
         for t in &group {
             let request = SynthesisRequest {
                 prompt: Some(t.prompt.clone()),
@@ -136,27 +137,22 @@ fn work(
                 ..template.clone()
             };
             let plan = request.resolve(bounds, &GuideInfo::image(cur.size))?;
-            items.extend(plan.items(&layout));
             records.push(plan.parameters(layout_id(&key, plan.components), &bounds.model));
-            settings.get_or_insert(plan.settings);
+            gens.push(Generation::start(&model, plan, cur.layout.clone(), None)?);
         }
-        let Some(settings) = settings else {
-            dispatch.finish(n);
-            continue;
-        };
         let format = template.format()?;
         let t1 = Instant::now();
-        let latents = model.denoise(&settings, &items, &mut |_, _| {})?;
+        run_to_end(&model, &mut gens, &mut |_, _| {})?;
         let denoise_ms = t1.elapsed().as_secs_f64() * 1e3;
-        let mut images = Vec::with_capacity(n);
-        let t2 = Instant::now();
-        for i in 0..n {
-            images.push(model.decode(&latents.narrow(0, i, 1)?)?);
+        let (mut images, mut scores) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        let (mut decode_ms, mut score_ms) = (0.0, 0.0);
+        for g in &gens {
+            let out = g.finish(&model, Some(&layouts))?;
+            decode_ms += out.decode_s * 1e3;
+            score_ms += out.score_s * 1e3;
+            images.extend(out.images);
+            scores.extend(out.scores);
         }
-        let decode_ms = t2.elapsed().as_secs_f64() * 1e3;
-        let t3 = Instant::now();
-        let scores = fidelity(&layouts, &cur.layout, &images)?;
-        let score_ms = t3.elapsed().as_secs_f64() * 1e3;
         for (((t, img), record), score) in group.into_iter().zip(images).zip(records).zip(scores) {
             let t4 = Instant::now();
             let bytes = format.encode(&img, &record)?;

@@ -37,6 +37,8 @@ pub struct DdimScheduler {
     prediction: Prediction,
     /// `clip_sample_range` when `clip_sample` is on.
     clip: Option<f64>,
+    /// The last step's x0 prediction.
+    last_x0: Option<Tensor>,
 }
 
 impl DdimScheduler {
@@ -99,6 +101,7 @@ impl DdimScheduler {
             step_ratio: n_train / n,
             prediction,
             clip,
+            last_x0: None,
         })
     }
 }
@@ -154,6 +157,12 @@ impl Scheduler for DdimScheduler {
             Some(r) => pred_x0.clamp(-r, r)?,
             None => pred_x0,
         };
-        lin_comb(&[(sa_prev, &pred_x0), (sb_prev, &pred_eps)])
+        let prev = lin_comb(&[(sa_prev, &pred_x0), (sb_prev, &pred_eps)])?;
+        self.last_x0 = Some(pred_x0);
+        Ok(prev)
+    }
+
+    fn predicted_original(&self) -> Option<&Tensor> {
+        self.last_x0.as_ref()
     }
 }

@@ -349,4 +349,8 @@ impl Scheduler for DpmSolverMultistepScheduler {
         self.next_index = i + 1;
         Ok(prev.to_dtype(out_dtype)?)
     }
+
+    fn predicted_original(&self) -> Option<&Tensor> {
+        self.model_outputs.last().and_then(Option::as_ref)
+    }
 }

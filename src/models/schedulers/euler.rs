@@ -36,6 +36,8 @@ pub struct EulerDiscreteScheduler {
     sigmas: Vec<f32>,
     init_noise_sigma: f64,
     prediction: Prediction,
+    /// The last step's x0 prediction.
+    last_x0: Option<Tensor>,
 }
 
 impl EulerDiscreteScheduler {
@@ -144,6 +146,7 @@ impl EulerDiscreteScheduler {
             sigmas,
             init_noise_sigma,
             prediction,
+            last_x0: None,
         })
     }
 
@@ -193,6 +196,11 @@ impl Scheduler for EulerDiscreteScheduler {
         let derivative = ((&sample - &pred_x0)? / sigma as f64)?;
         let dt = self.sigmas[step_index + 1] - sigma;
         let prev = lin_comb(&[(1.0, &sample), (dt as f64, &derivative)])?;
+        self.last_x0 = Some(pred_x0);
         Ok(prev.to_dtype(out_dtype)?)
+    }
+
+    fn predicted_original(&self) -> Option<&Tensor> {
+        self.last_x0.as_ref()
     }
 }

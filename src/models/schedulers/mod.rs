@@ -121,6 +121,11 @@ pub trait Scheduler: Send {
     /// Called once per step, in order, step_index = 0, 1, 2, ...
     fn step(&mut self, model_output: &Tensor, step_index: usize, sample: &Tensor)
         -> Result<Tensor>;
+
+    /// diffusers' `pred_original_sample` of the last [`Scheduler::step`]:
+    /// the clean latents the model predicts (previews), `None` before the
+    /// first step.
+    fn predicted_original(&self) -> Option<&Tensor>;
 }
 
 /// Builds a scheduler of `kind` from a diffusers `scheduler_config.json`
