@@ -49,15 +49,42 @@ impl Default for LumenSettings {
 impl LumenSettings {
     pub const FILE: &'static str = "lumen.json";
 
-    /// `lumen.json` if the folder has one, else the defaults.
+    /// `lumen.json` if the folder has one, else the defaults; every value checked.
     pub fn load(src: &ModelSource) -> Result<Self> {
-        if src.has(Self::FILE) {
-            src.read_json(Self::FILE)
+        let settings: Self = if src.has(Self::FILE) {
+            src.read_json(Self::FILE)?
         } else {
-            Ok(Self::default())
+            Self::default()
+        };
+        for (field, value) in [
+            ("default_components", settings.default_components),
+            ("default_steps", settings.default_steps),
+            ("default_size", settings.default_size.map(|s| s as usize)),
+        ] {
+            if value == Some(0) {
+                return Err(Error::model_file(
+                    src.path(LumenSettings::FILE),
+                    format!("{field} must be at least 1"),
+                ));
+            }
         }
+        if let Some(g) = settings.default_guidance_scale {
+            if !g.is_finite() || g.abs() > MAX_ABS_SCALE {
+                return Err(Error::model_file(
+                    src.path(LumenSettings::FILE),
+                    format!(
+                        "default_guidance_scale {g} is not a finite number within ±{MAX_ABS_SCALE}"
+                    ),
+                ));
+            }
+        }
+        Ok(settings)
     }
 }
+
+/// The largest |guidance_scale| or |control_scale| anywhere (requests and
+/// `lumen.json` defaults).
+pub const MAX_ABS_SCALE: f64 = 1000.0;
 
 /// Turn `--device cpu|cuda[:N]` into a candle device.
 pub fn parse_device(spec: &str) -> Result<Device> {

@@ -69,9 +69,24 @@ pub enum Error {
     #[error("the server is shutting down")]
     ShuttingDown,
 
-    /// The work was abandoned because nobody waits for its result any more.
-    #[error("cancelled: every client of this work has gone")]
+    /// The work was cancelled (`DELETE /jobs/{id}`), or nobody waits for
+    /// its result any more.
+    #[error("cancelled: the job was cancelled or its client has gone")]
     Cancelled,
+
+    /// The work did not finish within the request timeout; it was stopped
+    /// at the next denoising step.
+    #[error("the request did not finish within {seconds} s")]
+    DeadlineExceeded { seconds: u64 },
+
+    /// The request would not finish within the request timeout on this
+    /// device (estimated before it is admitted).
+    #[error("{message}")]
+    OverBudget {
+        estimate_s: f64,
+        budget_s: f64,
+        message: String,
+    },
 
     /// Anything else that is lumen's own fault.
     #[error("internal error: {0}")]

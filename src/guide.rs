@@ -203,6 +203,33 @@ pub fn preview(layout: &Tensor, width: u32, height: u32) -> Result<RgbImage> {
     ))
 }
 
+/// A guide image ready for the encoder (pixels prepared on the host).
+#[derive(Clone, Debug)]
+pub struct PreparedGuide {
+    /// Normalized pixels `[3, H, W]` on the host.
+    pub pixels: Tensor,
+    /// Patch grid `(rows, cols)`.
+    pub grid: (usize, usize),
+    /// Size of the original guide image `(width, height)`.
+    pub source_size: (u32, u32),
+}
+
+/// Resize and normalize a decoded guide for an encoder with `patch`-pixel
+/// patches at `layout_size`.
+pub fn prepare_pixels(patch: usize, img: &RgbImage, layout_size: u32) -> Result<PreparedGuide> {
+    let resized = resize_for_layout(img, layout_size, patch as u32)?;
+    let pixels = normalize(&resized)?;
+    let grid = (
+        resized.height() as usize / patch,
+        resized.width() as usize / patch,
+    );
+    Ok(PreparedGuide {
+        pixels,
+        grid,
+        source_size: img.dimensions(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -245,3 +272,4 @@ mod tests {
         assert!(matches!(decode(&[], 100), Err(Error::InvalidImage(_))));
     }
 }
+

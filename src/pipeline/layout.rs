@@ -15,6 +15,8 @@ use crate::models::dinov2::Dinov2;
 use crate::models::pca::Pca;
 use crate::pipeline::spec::LayoutSpec;
 
+pub use crate::guide::PreparedGuide;
+
 /// Largest number of images one encoder call processes.
 pub const MAX_ENCODER_BATCH: usize = 8;
 
@@ -23,17 +25,6 @@ pub struct LayoutModel {
     pub encoder: Dinov2,
     pub pca: Pca,
     spec: LayoutSpec,
-}
-
-/// A guide image ready for the encoder.
-#[derive(Clone, Debug)]
-pub struct PreparedGuide {
-    /// Normalized pixels `[3, H, W]` on the host.
-    pub pixels: Tensor,
-    /// Patch grid `(rows, cols)`.
-    pub grid: (usize, usize),
-    /// Size of the original guide image `(width, height)`.
-    pub source_size: (u32, u32),
 }
 
 /// A neural layout: `[K, rows, cols]` f32 on the host.
@@ -114,25 +105,7 @@ impl LayoutModel {
 
 /// Resize and normalize a decoded guide for `encoder` at `layout_size`.
 pub fn prepare_guide(encoder: &Dinov2, img: &RgbImage, layout_size: u32) -> Result<PreparedGuide> {
-    prepare_pixels(encoder.patch_size(), img, layout_size)
-}
-
-pub(crate) fn prepare_pixels(
-    patch: usize,
-    img: &RgbImage,
-    layout_size: u32,
-) -> Result<PreparedGuide> {
-    let resized = guide::resize_for_layout(img, layout_size, patch as u32)?;
-    let pixels = guide::normalize(&resized)?;
-    let grid = (
-        resized.height() as usize / patch,
-        resized.width() as usize / patch,
-    );
-    Ok(PreparedGuide {
-        pixels,
-        grid,
-        source_size: img.dimensions(),
-    })
+    guide::prepare_pixels(encoder.patch_size(), img, layout_size)
 }
 
 /// Patch tokens `[rows·cols, D]` for each guide. Guides with the same input

@@ -2,12 +2,14 @@
 //! neural layout, PCA fitting, layout-conditioned synthesis, encoded outputs.
 //! No HTTP here.
 
+pub mod cost;
 pub mod denoise;
 pub mod fit_pca;
 pub mod generation;
 pub mod layout;
 pub mod layout_id;
 pub mod output;
+pub mod preview;
 pub mod request;
 pub mod score;
 pub mod spec;

@@ -15,7 +15,7 @@ use crate::models::pca::{self, Pca};
 use crate::models::schedulers::{self, SchedulerKind};
 use crate::models::unet_layout::UNetLayout;
 use crate::models::vae::VaeConfig;
-use crate::pipeline::layout::{prepare_pixels, PreparedGuide};
+use crate::guide::{prepare_pixels, PreparedGuide};
 
 /// The scheduler config's name inside a model folder.
 pub const SCHEDULER_CONFIG: &str = "scheduler/scheduler_config.json";
@@ -30,6 +30,8 @@ pub struct LayoutSpec {
     /// (at most Kmax), else Kmax.
     pub default_components: usize,
     pub settings: LumenSettings,
+    /// The encoder's config (its cost model).
+    pub encoder: Dinov2Config,
 }
 
 impl LayoutSpec {
@@ -49,32 +51,13 @@ impl LayoutSpec {
                 ),
             ));
         }
-        for (field, value) in [
-            ("default_components", settings.default_components),
-            ("default_steps", settings.default_steps),
-            ("default_size", settings.default_size.map(|s| s as usize)),
-        ] {
-            if value == Some(0) {
-                return Err(Error::model_file(
-                    src.path(LumenSettings::FILE),
-                    format!("{field} must be at least 1"),
-                ));
-            }
-        }
-        if let Some(g) = settings.default_guidance_scale {
-            if !g.is_finite() || g.abs() > crate::pipeline::request::limits::MAX_ABS_SCALE {
-                return Err(Error::model_file(
-                    src.path(LumenSettings::FILE),
-                    format!("default_guidance_scale {g} is not a finite number within ±1000"),
-                ));
-            }
-        }
         let kmax = pca.max_components();
         Ok(Self {
             patch_size: encoder.patch_size,
             max_components: kmax,
             default_components: settings.default_components.map_or(kmax, |k| k.min(kmax)),
             settings,
+            encoder,
         })
     }
 
@@ -105,6 +88,10 @@ pub struct SynthesisSpec {
     pub scheduler_config: serde_json::Value,
     /// The scheduler config's full name, for errors.
     pub scheduler_file: String,
+    /// The UNet's (and ControlNet's) block layout and the VAE's config:
+    /// what a step and a decode cost (see [`crate::pipeline::cost`]).
+    pub unet: UNetLayout,
+    pub vae: VaeConfig,
 }
 
 impl SynthesisSpec {
@@ -146,6 +133,8 @@ impl SynthesisSpec {
             max_components: kmax,
             scheduler_config,
             scheduler_file: src.path(SCHEDULER_CONFIG),
+            unet,
+            vae,
         })
     }
 

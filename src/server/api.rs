@@ -68,12 +68,13 @@ pub struct ErrorBody {
     pub error: ErrorDetail,
 }
 
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct ErrorDetail {
     /// Stable code: invalid_parameter, invalid_request, invalid_image,
     /// image_too_large, unauthorized, unknown_layout, not_found,
     /// method_not_allowed, payload_too_large, unsupported_media_type,
-    /// not_acceptable, overloaded, timeout, not_ready, shutting_down, internal.
+    /// not_acceptable, overloaded, over_time_budget, timeout, cancelled,
+    /// not_ready, shutting_down, internal.
     pub code: String,
     /// What was wrong, naming the field at fault.
     pub message: String,

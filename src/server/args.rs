@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use crate::error::{Error, Result};
 use crate::pipeline::request::{Limits, DEFAULT_LIMITS};
+use crate::server::engine::Scheduling;
 
 /// Options of `lumen serve` (every flag is also an environment variable).
 #[derive(clap::Args, Clone, Debug)]
@@ -28,16 +29,21 @@ pub struct ServeArgs {
     /// overflow f16 at large sizes; diffusers' force_upcast). Costs the VAE's f32 memory.
     #[arg(long, env = "LUMEN_VAE_UPCAST")]
     pub vae_upcast: bool,
-    /// Most images (or guides) one model call runs.
+    /// Most images in flight on the inference thread (step scheduling) or in
+    /// one batch (request scheduling); a larger request runs alone.
     #[arg(long, env = "LUMEN_MAX_BATCH", default_value_t = 4)]
     pub max_batch: usize,
-    /// How long the oldest queued job waits for a batch to fill, in milliseconds.
+    /// Request scheduling: how long the oldest queued job waits for a batch to
+    /// fill, in milliseconds.
     #[arg(long, env = "LUMEN_MAX_WAIT_MS", default_value_t = 20)]
     pub max_wait_ms: u64,
     /// Most requests waiting or running; more are answered 429.
     #[arg(long, env = "LUMEN_MAX_QUEUE", default_value_t = 64)]
     pub max_queue: usize,
-    /// A request not answered within this many seconds gets 503.
+    /// A request must finish within this many seconds: one estimated (from
+    /// the warm-up's measurements) to take longer is refused up front with
+    /// 422 over_time_budget, and one still running then is stopped at its
+    /// next step (503 timeout).
     #[arg(long, env = "LUMEN_REQUEST_TIMEOUT_S", default_value_t = 300)]
     pub request_timeout_s: u64,
     /// A connection that has not sent a request's headers within this many
@@ -68,7 +74,7 @@ pub struct ServeArgs {
     /// Longest encoder input side (layout_size) a request may ask for, in pixels.
     #[arg(long, env = "LUMEN_MAX_LAYOUT_SIZE", default_value_t = DEFAULT_LIMITS.max_layout_size)]
     pub max_layout_size: u32,
-    /// Require this key on /layout and /synthesize (`Authorization: Bearer KEY` or `X-API-Key: KEY`).
+    /// Require this key on /layout, /synthesize and /jobs (`Authorization: Bearer KEY` or `X-API-Key: KEY`).
     #[arg(long, env = "LUMEN_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
     /// Also require the key on /metrics, /docs and /openapi.json (/health and
@@ -84,6 +90,31 @@ pub struct ServeArgs {
     /// Layouts kept for `layout_id` (LRU).
     #[arg(long, env = "LUMEN_LAYOUT_CACHE", default_value_t = 256)]
     pub layout_cache: usize,
+    /// How the inference thread batches: `step` advances the running
+    /// generations a denoising step at a time and admits new requests between
+    /// steps (a short request never waits for a long one to end); `request`
+    /// runs one batch of compatible requests to its end before taking more.
+    #[arg(long, env = "LUMEN_SCHEDULING", value_enum, default_value = "step")]
+    pub scheduling: Scheduling,
+    /// On SIGTERM, after the shutdown delay, the work in flight gets this many
+    /// seconds to finish; then it is stopped (its requests answer 503) and the
+    /// process exits 0. Keep shutdown delay + drain timeout below Kubernetes'
+    /// terminationGracePeriodSeconds.
+    #[arg(long, env = "LUMEN_DRAIN_TIMEOUT_S", default_value_t = 60)]
+    pub drain_timeout_s: u64,
+    /// Finished jobs (POST /jobs) are kept this many seconds, then 404.
+    #[arg(long, env = "LUMEN_JOB_TTL_S", default_value_t = 3600)]
+    pub job_ttl_s: u64,
+    /// Most jobs kept (the oldest finished are forgotten first).
+    #[arg(long, env = "LUMEN_MAX_JOBS", default_value_t = 1000)]
+    pub max_jobs: usize,
+    /// Most MiB of finished jobs' results kept.
+    #[arg(long, env = "LUMEN_JOB_STORE_MB", default_value_t = 256)]
+    pub job_store_mb: usize,
+    /// Hosts (`host` or `host:port`, comma-separated) a job's `callback_url`
+    /// may name; none by default, so the server never calls out.
+    #[arg(long, env = "LUMEN_WEBHOOK_ALLOW", value_delimiter = ',')]
+    pub webhook_allow: Vec<String>,
 }
 
 impl ServeArgs {
@@ -97,6 +128,8 @@ impl ServeArgs {
             ("body_timeout_s", self.body_timeout_s),
             ("body_limit_mb", self.body_limit_mb as u64),
             ("layout_cache", self.layout_cache as u64),
+            ("max_jobs", self.max_jobs as u64),
+            ("job_ttl_s", self.job_ttl_s),
         ];
         for (name, v) in positive {
             if v == 0 {
@@ -104,6 +137,7 @@ impl ServeArgs {
             }
         }
         self.limits().check()?;
+        crate::server::jobs::WebhookAllow::parse(&self.webhook_allow)?;
         if self.body_limit_mb > 4096 {
             return Err(Error::param("body_limit_mb", "must be at most 4096"));
         }

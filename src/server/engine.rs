@@ -1,12 +1,29 @@
 //! The inference thread: one dedicated OS thread owns the device and every
 //! model (encoder, PCA, text encoder, UNet, ControlNet, VAE). It loads them,
-//! runs one warm-up, reports the models' specs, then runs the batches the
-//! batcher sends, answering each job through its oneshot channel.
+//! measures what each stage costs at warm-up (the [`CostModel`] admission
+//! uses, and the preview map), reports ready, then takes work from the
+//! [`Queue`] until it is closed and empty.
+//!
+//! Two schedulings (`--scheduling`):
+//! - `step` (default): the thread keeps the running generations and
+//!   advances them one denoising step at a time. Between steps it admits
+//!   queued jobs (up to `--max-batch` images in flight), drops the cancelled,
+//!   the abandoned and the late, and hands finished ones to decoding. One
+//!   ControlNet + UNet call covers every running generation of one latent
+//!   size (steps, schedulers, guidance and control scale may differ);
+//!   different sizes take turns, step by step, so a short request never
+//!   waits for a long one to end.
+//! - `request`: when idle, it takes the oldest job and the queued jobs that
+//!   share its size, steps, scheduler and guidance on/off (up to
+//!   `--max-batch` images, waiting at most `--max-wait-ms` for them) and runs
+//!   that batch to its end before taking more. Kept for comparison.
+//!
+//! Either way a job is checked before every step: cancel, disconnect or
+//! deadline frees the engine within one step.
 
-use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use candle_core::Device;
 use image::RgbImage;
@@ -14,99 +31,126 @@ use tokio::sync::oneshot;
 
 use crate::error::{Error, Result};
 use crate::model_folder::ModelSource;
+use crate::pipeline::cost::{CostModel, Rate, Work as CostWork};
+use crate::pipeline::denoise::Denoising;
+use crate::pipeline::generation::Generation;
 use crate::pipeline::layout::{Layout, LayoutModel, PreparedGuide};
+use crate::pipeline::preview::LatentRgb;
 use crate::pipeline::spec::ModelSpecs;
 use crate::pipeline::synthesis::{Precision, SynthesisItem, SynthesisModel, SynthesisSettings};
 use crate::server::metrics;
-use crate::server::queue::{BatchKey, Job, JobTimings, LayoutInput, Output, Work};
+use crate::server::queue::{BatchKey, Job, JobTimings, LayoutInput, Output, Queue, Work};
+
+/// How the engine batches (see the module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scheduling {
+    /// One batch of compatible requests, run to its end.
+    Request,
+    /// Running generations advanced a step at a time; admission between steps.
+    Step,
+}
 
 /// What the engine loads and how.
 pub struct EngineOptions {
     pub source: ModelSource,
     pub device: Device,
     pub precision: Precision,
-    /// Most images one model call runs (a larger request is split).
+    /// Most images in flight (step) or in one batch (request). A larger
+    /// request runs alone.
     pub max_batch: usize,
+    pub scheduling: Scheduling,
+    /// Request scheduling: how long the oldest job waits for a batch to fill.
+    pub max_wait: Duration,
 }
 
-type BatchMessage = (Vec<Job>, oneshot::Sender<()>);
-
-/// The batcher's end of the channel to the inference thread.
-pub struct EngineHandle {
-    tx: mpsc::Sender<BatchMessage>,
+/// What the engine reports once loaded and measured.
+#[derive(Clone, Debug)]
+pub struct EngineReady {
+    pub specs: ModelSpecs,
+    pub costs: CostModel,
+    /// Seconds one preview takes at the warm-up's size (mapping and PNG).
+    pub preview_s: f64,
 }
 
-impl EngineHandle {
-    /// Run a batch and wait until the thread is done with it. Gives the jobs
-    /// back if the thread has stopped.
-    pub async fn run(&self, batch: Vec<Job>) -> std::result::Result<(), Vec<Job>> {
-        let (done_tx, done_rx) = oneshot::channel();
-        self.tx.send((batch, done_tx)).map_err(|e| e.0 .0)?;
-        // An Err here means the thread panicked mid-batch; the jobs' reply
-        // senders were dropped with it, so their handlers already answer 500.
-        let _ = done_rx.await;
-        Ok(())
-    }
-}
-
-/// Start the inference thread. The receiver gets the specs once the models
-/// are loaded and warmed up, or the loading error.
+/// Start the inference thread over `queue`. The receiver gets the specs and
+/// measured costs once the models are loaded and warmed up, or the error.
 pub fn start(
     opts: EngineOptions,
-) -> Result<(
-    EngineHandle,
-    oneshot::Receiver<Result<ModelSpecs>>,
-    JoinHandle<()>,
-)> {
-    let (tx, rx) = mpsc::channel::<BatchMessage>();
+    queue: Arc<Queue>,
+) -> Result<(oneshot::Receiver<Result<EngineReady>>, JoinHandle<()>)> {
     let (ready_tx, ready_rx) = oneshot::channel();
     let thread = std::thread::Builder::new()
         .name("lumen-inference".into())
         .spawn(move || {
-            let engine = match Engine::load(opts) {
+            let mut engine = match Engine::load(opts) {
                 Ok(e) => e,
                 Err(e) => {
                     let _ = ready_tx.send(Err(e));
                     return;
                 }
             };
-            let _ = ready_tx.send(Ok(engine.specs.clone()));
-            while let Ok((jobs, done)) = rx.recv() {
-                // A bug must not take the models down with it: the batch's
-                // reply channels are dropped (its requests answer 500) and
-                // the thread goes on with the next batch.
-                let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    engine.run_batch(jobs)
-                }));
-                if run.is_err() {
-                    tracing::error!("a batch panicked; its requests were answered 500");
-                    ::metrics::gauge!(metrics::IN_FLIGHT).set(0.0);
+            let ready = match engine.warm_up() {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
                 }
-                let _ = done.send(());
-            }
+            };
+            let _ = ready_tx.send(Ok(ready));
+            engine.serve(&queue);
             tracing::info!("inference thread stopped");
         })
         .map_err(|e| Error::Internal(format!("cannot start the inference thread: {e}")))?;
-    Ok((EngineHandle { tx }, ready_rx, thread))
+    Ok((ready_rx, thread))
+}
+
+/// A synthesis job being denoised.
+struct Active {
+    job: Job,
+    gen: Generation,
+    computed: Option<Arc<Layout>>,
+    timings: JobTimings,
+    /// When its first step ran.
+    started: Option<Instant>,
+}
+
+impl Active {
+    fn images(&self) -> usize {
+        self.gen.denoising().len()
+    }
 }
 
 struct Engine {
     layout: LayoutModel,
     synthesis: SynthesisModel,
     specs: ModelSpecs,
+    preview: Option<LatentRgb>,
     max_batch: usize,
+    scheduling: Scheduling,
+    max_wait: Duration,
+    active: Vec<Active>,
+    /// The latent size whose turn was last (sizes take turns).
+    last_size: Option<(usize, usize)>,
+}
+
+/// What one pass of the loop found.
+enum Tick {
+    Busy,
+    Idle,
+    Exit,
 }
 
 impl Engine {
     fn load(opts: EngineOptions) -> Result<Self> {
         let t = Instant::now();
-        let layout = LayoutModel::load(&opts.source, &opts.device)?;
-        let synthesis = SynthesisModel::load_with(&opts.source, &opts.device, opts.precision)?;
-        let specs = ModelSpecs {
-            model: opts.source.identity(),
-            layout: layout.spec().clone(),
-            synthesis: synthesis.spec().clone(),
-        };
+        let specs = ModelSpecs::read(&opts.source)?;
+        let layout = LayoutModel::load_spec(&opts.source, specs.layout.clone(), &opts.device)?;
+        let synthesis = SynthesisModel::load_spec(
+            &opts.source,
+            specs.synthesis.clone(),
+            &opts.device,
+            opts.precision,
+        )?;
         tracing::info!(
             model = %specs.model,
             device = %crate::config::device_name(&opts.device),
@@ -115,70 +159,326 @@ impl Engine {
             seconds = t.elapsed().as_secs_f64(),
             "models loaded"
         );
-        let engine = Self {
+        Ok(Self {
             layout,
             synthesis,
             specs,
+            preview: None,
             max_batch: opts.max_batch.max(1),
-        };
-        engine.warm_up()?;
-        Ok(engine)
+            scheduling: opts.scheduling,
+            max_wait: opts.max_wait,
+            active: Vec::new(),
+            last_size: None,
+        })
     }
 
-    /// One layout and one single-step synthesis at the smallest size, so the
-    /// first request does not pay for first-use allocations.
-    fn warm_up(&self) -> Result<()> {
+    /// Time each stage at a small and a larger size (fitting the cost
+    /// model), fit the preview map on real decodes, and leave every model
+    /// warm for the first request.
+    fn warm_up(&mut self) -> Result<EngineReady> {
         let t = Instant::now();
-        let spec = &self.specs.layout;
-        let img = RgbImage::from_pixel(64, 64, image::Rgb([128, 128, 128]));
-        let guide = spec.prepare(&img, None)?;
-        let layout = self
-            .layout
-            .layouts(&[(&guide, spec.default_components)])?
-            .pop()
-            .ok_or_else(|| Error::Internal("warm-up produced no layout".into()))?;
+        let work = CostWork::new(&self.specs);
+        let ls = &self.specs.layout;
+        let (small_l, large_l) = (
+            (ls.patch_size * 2) as u32,
+            ls.settings.layout_size.max(ls.patch_size as u32 * 4),
+        );
+        let encode = |size: u32| -> Result<f64> {
+            let img = RgbImage::from_pixel(size, size, image::Rgb([128, 128, 128]));
+            let g = ls.prepare(&img, Some(size))?;
+            best_of(2, || {
+                self.layout.layouts(&[(&g, ls.max_components)])?;
+                Ok(())
+            })
+        };
+        let encode_rate = Rate::fit(
+            (work.encode(small_l), encode(small_l)?),
+            (work.encode(large_l), encode(large_l)?),
+        );
+
         let m = self.specs.synthesis.size_multiple;
-        // The smallest valid size, one step: the cheapest run of every model.
-        let settings = SynthesisSettings {
-            width: m,
-            height: m,
-            steps: 1,
-            scheduler: self.specs.synthesis.default_scheduler(),
+        let default = m.max(self.specs.layout.settings.default_size.unwrap_or(512));
+        let large = (2 * m).max(default.min(4 * m)).div_ceil(m) * m;
+        let layout = {
+            let img = RgbImage::from_pixel(64, 64, image::Rgb([128, 128, 128]));
+            let g = ls.prepare(&img, None)?;
+            self.layout
+                .layouts(&[(&g, ls.max_components)])?
+                .pop()
+                .ok_or_else(|| Error::Internal("warm-up produced no layout".into()))?
         };
-        let item = SynthesisItem {
-            layout,
-            prompt: String::new(),
-            negative_prompt: String::new(),
-            guidance: 7.5,
-            control_scale: 1.0,
-            seed: 0,
-            latents: None,
+        let scheduler = self.specs.synthesis.default_scheduler();
+        let denoising = |side: u32, n: usize, steps: usize| -> Result<Denoising> {
+            let settings = SynthesisSettings {
+                width: side,
+                height: side,
+                steps,
+                scheduler,
+            };
+            let items: Vec<SynthesisItem> = (0..n)
+                .map(|i| SynthesisItem {
+                    layout: layout.clone(),
+                    prompt: String::new(),
+                    negative_prompt: String::new(),
+                    guidance: 7.5,
+                    control_scale: 1.0,
+                    seed: i as u64,
+                    latents: None,
+                })
+                .collect();
+            Denoising::new(&self.synthesis, &settings, &items)
         };
-        self.synthesis.generate(&settings, &[item], |_, _| {})?;
-        tracing::info!(seconds = t.elapsed().as_secs_f64(), "warm-up done");
-        Ok(())
+        // Small: one image with guidance (2 rows), two steps.
+        let mut small = denoising(m, 1, 2)?;
+        let mut small_step = f64::INFINITY;
+        while !small.is_done() {
+            let t = Instant::now();
+            self.synthesis.step(&mut [&mut small])?;
+            small_step = small_step.min(t.elapsed().as_secs_f64());
+        }
+        let small_decode = best_of(2, || {
+            self.synthesis.decode_one(&small, 0)?;
+            Ok(())
+        })?;
+        // Large: two images (4 rows), three steps; their predicted clean
+        // latents and decodes fit the preview map.
+        let mut big = denoising(large, 2, 3)?;
+        let (mut large_step, mut large_decode) = (f64::INFINITY, f64::INFINITY);
+        let mut pairs = Vec::new();
+        while !big.is_done() {
+            let t = Instant::now();
+            self.synthesis.step(&mut [&mut big])?;
+            large_step = large_step.min(t.elapsed().as_secs_f64());
+            for i in 0..big.len() {
+                if let Some(x0) = big.predicted_original(i) {
+                    let t = Instant::now();
+                    let img = self.synthesis.decode(&x0)?;
+                    large_decode = large_decode.min(t.elapsed().as_secs_f64());
+                    pairs.push((x0, img));
+                }
+            }
+        }
+        let costs = CostModel {
+            step: Rate::fit(
+                (2.0 * work.step_row(m, m), small_step),
+                (4.0 * work.step_row(large, large), large_step),
+            ),
+            decode: Rate::fit(
+                (work.decode(m, m), small_decode),
+                (work.decode(large, large), large_decode),
+            ),
+            encode: encode_rate,
+        };
+        let (preview, preview_s) = match LatentRgb::fit(&pairs) {
+            Ok(map) => {
+                let t = Instant::now();
+                map.png(&pairs[0].0)?;
+                (Some(map), t.elapsed().as_secs_f64())
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "no previews: the latent-to-RGB map cannot be fitted");
+                (None, 0.0)
+            }
+        };
+        self.preview = preview;
+        tracing::info!(
+            seconds = t.elapsed().as_secs_f64(),
+            step_small_s = small_step,
+            step_large_s = large_step,
+            decode_large_s = large_decode,
+            preview_ms = preview_s * 1e3,
+            sizes = %format!("{m} and {large}"),
+            "warm-up done; stage costs measured"
+        );
+        Ok(EngineReady {
+            specs: self.specs.clone(),
+            costs,
+            preview_s,
+        })
     }
 
-    fn run_batch(&self, jobs: Vec<Job>) {
-        let Some(key) = jobs.first().map(Job::key) else {
+    /// Take work until the queue is closed and everything is done. A panic
+    /// in one pass fails the jobs in flight (their answers are dropped: 500)
+    /// and the thread goes on.
+    fn serve(&mut self, queue: &Queue) {
+        loop {
+            let tick =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.tick(queue)));
+            match tick {
+                Ok(Tick::Exit) => return,
+                Ok(Tick::Busy) => {}
+                Ok(Tick::Idle) => queue.wait(Duration::from_millis(100)),
+                Err(_) => {
+                    tracing::error!(
+                        jobs = self.active.len(),
+                        "the engine panicked; the jobs in flight were answered 500"
+                    );
+                    self.active.clear();
+                }
+            }
+            self.gauges();
+        }
+    }
+
+    fn active_images(&self) -> usize {
+        self.active.iter().map(Active::images).sum()
+    }
+
+    fn gauges(&self) {
+        ::metrics::gauge!(metrics::IN_FLIGHT).set(self.active.len() as f64);
+        ::metrics::gauge!(metrics::ACTIVE_IMAGES).set(self.active_images() as f64);
+    }
+
+    fn tick(&mut self, queue: &Queue) -> Tick {
+        if queue.is_aborted() {
+            let e = Error::ShuttingDown;
+            for a in self.active.drain(..) {
+                let _ = a.job.reply.send(Err(e.clone()));
+            }
+            queue.fail_all(&e);
+            return Tick::Exit;
+        }
+        let taken = match self.take(queue) {
+            Some(t) => t,
+            None => return Tick::Busy,
+        };
+        if self.active.is_empty() && taken.is_empty() {
+            return if queue.is_closed() && queue.is_empty() {
+                Tick::Exit
+            } else {
+                Tick::Idle
+            };
+        }
+        self.admit(taken);
+        self.prune(queue);
+        self.step_one_group();
+        self.finish_done(queue);
+        Tick::Busy
+    }
+
+    /// The jobs to admit now; `None`: wait a little for a request batch to fill.
+    fn take(&mut self, queue: &Queue) -> Option<Vec<Job>> {
+        let max = self.max_batch;
+        match self.scheduling {
+            Scheduling::Step => {
+                let mut in_flight = self.active_images();
+                let mut blocked = false;
+                Some(queue.next_batch(true, |job, _| {
+                    // Arrival order: a job that does not fit keeps the ones
+                    // behind it waiting too (no starvation of big requests).
+                    let fits = in_flight == 0 || in_flight + job.size() <= max;
+                    if blocked || !fits {
+                        blocked = true;
+                        return false;
+                    }
+                    in_flight += job.size();
+                    true
+                }))
+            }
+            Scheduling::Request => {
+                if !self.active.is_empty() {
+                    return Some(Vec::new());
+                }
+                let Some((key, since, images)) = queue.head() else {
+                    return Some(Vec::new());
+                };
+                let fill_until = since + self.max_wait;
+                let now = Instant::now();
+                if key != BatchKey::Layout
+                    && images < max
+                    && now < fill_until
+                    && !queue.is_closed()
+                {
+                    queue.wait(fill_until - now);
+                    return None;
+                }
+                Some(queue.next_batch(key == BatchKey::Layout, |job, taken| {
+                    job.key() == key && (taken == 0 || taken + job.size() <= max)
+                }))
+            }
+        }
+    }
+
+    /// Answer layout jobs; encode the guides synthesis jobs bring (one
+    /// encoder call for all) and start their generations.
+    fn admit(&mut self, jobs: Vec<Job>) {
+        if jobs.is_empty() {
             return;
-        };
-        let start = Instant::now();
-        let kind = match key {
-            BatchKey::Layout => "layout",
-            BatchKey::Synthesis { .. } => "synthesis",
-        };
-        ::metrics::gauge!(metrics::IN_FLIGHT).set(jobs.len() as f64);
-        ::metrics::histogram!(metrics::BATCH_SIZE, "kind" => kind).record(jobs.len() as f64);
-        for j in &jobs {
-            metrics::stage("queue", start.duration_since(j.enqueued).as_secs_f64());
         }
-        tracing::debug!(kind, jobs = jobs.len(), "running batch");
-        match key {
-            BatchKey::Layout => self.run_layouts(jobs, start),
-            BatchKey::Synthesis { .. } => self.run_synthesis(jobs, start),
+        let now = Instant::now();
+        let kmax = self.specs.layout.max_components;
+        let (layouts, syntheses): (Vec<Job>, Vec<Job>) =
+            jobs.into_iter().partition(|j| matches!(j.work, Work::Layout(_)));
+        if !layouts.is_empty() {
+            self.run_layouts(layouts, now);
         }
-        ::metrics::gauge!(metrics::IN_FLIGHT).set(0.0);
+        if syntheses.is_empty() {
+            return;
+        }
+        for j in &syntheses {
+            j.watch.started();
+            metrics::stage("queue", now.duration_since(j.enqueued).as_secs_f64());
+        }
+        let guides: Vec<(&PreparedGuide, usize)> = syntheses
+            .iter()
+            .filter_map(|j| match &j.work {
+                Work::Synthesis(s) => match &s.layout {
+                    LayoutInput::Guide(g) => Some((g, kmax)),
+                    LayoutInput::Ready(_) => None,
+                },
+                Work::Layout(_) => None,
+            })
+            .collect();
+        let mut encoded = Vec::new().into_iter();
+        let mut layout_s = 0.0;
+        if !guides.is_empty() {
+            let t = Instant::now();
+            match self.layout.layouts(&guides) {
+                Ok(l) => encoded = l.into_iter(),
+                Err(e) => {
+                    drop(guides);
+                    return fail_all(syntheses, &e);
+                }
+            }
+            layout_s = t.elapsed().as_secs_f64();
+            metrics::stage("layout", layout_s);
+        }
+        drop(guides);
+        for job in syntheses {
+            let Work::Synthesis(s) = &job.work else {
+                continue;
+            };
+            let (full, computed, this_layout_s) = match &s.layout {
+                LayoutInput::Ready(l) => (l.clone(), None, 0.0),
+                LayoutInput::Guide(_) => match encoded.next() {
+                    Some(l) => {
+                        let l = Arc::new(l);
+                        (l.clone(), Some(l), layout_s)
+                    }
+                    None => {
+                        let e = Error::Internal("a guide was not encoded".into());
+                        let _ = job.reply.send(Err(e));
+                        continue;
+                    }
+                },
+            };
+            match Generation::start(&self.synthesis, s.plan.clone(), full, None) {
+                Ok(gen) => self.active.push(Active {
+                    timings: JobTimings {
+                        queue: now.duration_since(job.enqueued).as_secs_f64(),
+                        layout: this_layout_s,
+                        ..Default::default()
+                    },
+                    job,
+                    gen,
+                    computed,
+                    started: None,
+                }),
+                Err(e) => {
+                    let _ = job.reply.send(Err(e));
+                }
+            }
+        }
     }
 
     fn run_layouts(&self, jobs: Vec<Job>, start: Instant) {
@@ -191,6 +491,7 @@ impl Engine {
             })
             .collect();
         let n = guides.len();
+        ::metrics::histogram!(metrics::BATCH_SIZE, "kind" => "layout").record(n as f64);
         let t = Instant::now();
         let result = self.layout.layouts(&guides);
         drop(guides);
@@ -199,6 +500,7 @@ impl Engine {
         match result {
             Ok(layouts) if layouts.len() == jobs.len() => {
                 for (job, layout) in jobs.into_iter().zip(layouts) {
+                    metrics::stage("queue", start.duration_since(job.enqueued).as_secs_f64());
                     let timings = JobTimings {
                         queue: start.duration_since(job.enqueued).as_secs_f64(),
                         layout: layout_s,
@@ -216,174 +518,176 @@ impl Engine {
         }
     }
 
-    fn run_synthesis(&self, jobs: Vec<Job>, start: Instant) {
-        let kmax = self.specs.layout.max_components;
-        // 1. Encode the guides the batch brought, together.
-        let guides: Vec<(usize, &PreparedGuide)> = jobs
-            .iter()
-            .enumerate()
-            .filter_map(|(i, j)| match &j.work {
-                Work::Synthesis(s) => match &s.layout {
-                    LayoutInput::Guide(g) => Some((i, g)),
-                    LayoutInput::Ready(_) => None,
-                },
-                Work::Layout(_) => None,
-            })
-            .collect();
-        let mut computed: Vec<Option<Arc<Layout>>> = vec![None; jobs.len()];
-        let mut layout_s = 0.0;
-        if !guides.is_empty() {
-            let t = Instant::now();
-            let refs: Vec<(&PreparedGuide, usize)> =
-                guides.iter().map(|(_, g)| (*g, kmax)).collect();
-            match self.layout.layouts(&refs) {
-                Ok(layouts) => {
-                    for ((i, _), l) in guides.iter().zip(layouts) {
-                        computed[*i] = Some(Arc::new(l));
-                    }
-                }
-                Err(e) => return fail_all(jobs, &e),
+    /// Drop the running jobs that were cancelled, abandoned or are late.
+    fn prune(&mut self, queue: &Queue) {
+        let now = Instant::now();
+        let mut kept = Vec::with_capacity(self.active.len());
+        for a in self.active.drain(..) {
+            match a.job.stop(now) {
+                Some(why) => a.job.drop_for(why, queue.timeout()),
+                None => kept.push(a),
             }
-            layout_s = t.elapsed().as_secs_f64();
-            metrics::stage("layout", layout_s);
         }
+        self.active = kept;
+    }
 
-        // 2. One item per image, remembering whose it is.
-        let mut settings: Option<SynthesisSettings> = None;
-        let mut items: Vec<(usize, SynthesisItem)> = Vec::new();
-        let mut errors: Vec<Option<Error>> = (0..jobs.len()).map(|_| None).collect();
-        // Each job's guide layout (Kmax), kept where the job asks for scores.
-        let mut score_layouts: Vec<Option<Layout>> = (0..jobs.len()).map(|_| None).collect();
-        for (i, job) in jobs.iter().enumerate() {
-            let Work::Synthesis(s) = &job.work else {
-                continue;
-            };
-            settings.get_or_insert_with(|| s.plan.settings.clone());
-            let full = match (&s.layout, &computed[i]) {
-                (LayoutInput::Ready(l), _) => l.clone(),
-                (LayoutInput::Guide(_), Some(l)) => l.clone(),
-                (LayoutInput::Guide(_), None) => {
-                    errors[i] = Some(Error::Internal("the guide was not encoded".into()));
-                    continue;
-                }
-            };
-            match full.truncate(s.plan.components) {
-                Ok(layout) => {
-                    items.extend(s.plan.items(&layout).into_iter().map(|it| (i, it)));
-                    if s.plan.score {
-                        // Scored against the guide's whole (Kmax) layout.
-                        score_layouts[i] = Some((*full).clone());
-                    }
-                }
-                Err(e) => errors[i] = Some(e),
+    /// One step of every running generation of one latent size, the sizes
+    /// taking turns.
+    fn step_one_group(&mut self) {
+        let mut sizes: Vec<(usize, usize)> = Vec::new();
+        for a in &self.active {
+            let s = a.gen.denoising().latent_size();
+            if !a.gen.is_done() && !sizes.contains(&s) {
+                sizes.push(s);
             }
         }
-        let Some(settings) = settings else {
+        if sizes.is_empty() {
             return;
+        }
+        sizes.sort_unstable();
+        let size = match self.last_size {
+            Some(last) => sizes
+                .iter()
+                .copied()
+                .find(|s| *s > last)
+                .unwrap_or(sizes[0]),
+            None => sizes[0],
         };
-        ::metrics::histogram!(metrics::BATCH_IMAGES).record(items.len() as f64);
-
-        // 3. Denoise and decode in chunks of at most max_batch images.
-        let mut images: Vec<Vec<RgbImage>> = (0..jobs.len()).map(|_| Vec::new()).collect();
-        let mut timings: Vec<JobTimings> = jobs
-            .iter()
-            .map(|j| JobTimings {
-                queue: start.duration_since(j.enqueued).as_secs_f64(),
-                layout: if guides.is_empty() { 0.0 } else { layout_s },
-                batch_images: items.len().min(self.max_batch),
-                ..Default::default()
+        self.last_size = Some(size);
+        let picked: Vec<usize> = (0..self.active.len())
+            .filter(|&i| {
+                let a = &self.active[i];
+                !a.gen.is_done() && a.gen.denoising().latent_size() == size
             })
             .collect();
-        for chunk in items.chunks(self.max_batch) {
-            let owners: Vec<usize> = chunk.iter().map(|(o, _)| *o).collect();
-            if owners
-                .iter()
-                .all(|&o| errors[o].is_some() || jobs[o].abandoned())
-            {
-                continue;
+        let images: usize = picked.iter().map(|&i| self.active[i].images()).sum();
+        let t = Instant::now();
+        let now = Instant::now();
+        let result = {
+            let mut batch: Vec<&mut Denoising> = self
+                .active
+                .iter_mut()
+                .enumerate()
+                .filter(|(i, _)| picked.contains(i))
+                .map(|(_, a)| {
+                    a.started.get_or_insert(now);
+                    a.gen.denoising_mut()
+                })
+                .collect();
+            self.synthesis.step(&mut batch)
+        };
+        let step_s = t.elapsed().as_secs_f64();
+        metrics::stage("step", step_s);
+        ::metrics::histogram!(metrics::STEP_IMAGES).record(images as f64);
+        ::metrics::histogram!(metrics::BATCH_IMAGES).record(images as f64);
+        ::metrics::histogram!(metrics::BATCH_SIZE, "kind" => "synthesis")
+            .record(picked.len() as f64);
+        if let Err(e) = result {
+            tracing::error!(error = %e, jobs = picked.len(), "a denoising step failed");
+            let mut i = self.active.len();
+            while i > 0 {
+                i -= 1;
+                if picked.contains(&i) {
+                    let a = self.active.swap_remove(i);
+                    let _ = a.job.reply.send(Err(e.clone()));
+                }
             }
-            let batch: Vec<SynthesisItem> = chunk.iter().map(|(_, it)| it.clone()).collect();
-            let t = Instant::now();
-            let mut cancelled = |_: usize, _: &candle_core::Tensor| -> Result<()> {
-                if owners.iter().all(|&o| jobs[o].abandoned()) {
-                    Err(Error::Cancelled)
-                } else {
-                    Ok(())
-                }
-            };
-            let latents =
-                self.synthesis
-                    .denoise_with(&settings, &batch, &mut |_, _| {}, &mut cancelled);
-            let denoise_s = t.elapsed().as_secs_f64();
-            metrics::stage("denoise", denoise_s);
-            let latents = match latents {
-                Ok(l) => l,
-                Err(e) => {
-                    if matches!(e, Error::Cancelled) {
-                        metrics::dropped("disconnected");
+            return;
+        }
+        for &i in &picked {
+            let a = &mut self.active[i];
+            a.timings.batch_images = a.timings.batch_images.max(images);
+            let d = a.gen.denoising();
+            let (step, steps) = (d.step_index(), d.steps());
+            let elapsed = a.started.map_or(0.0, |s| s.elapsed().as_secs_f64());
+            let eta = elapsed / step.max(1) as f64 * (steps - step) as f64;
+            a.job.watch.progress(step, steps, eta);
+            if a.job.watch.wants_preview(step, steps) {
+                if let (Some(map), Some(x0)) = (&self.preview, d.predicted_original(0)) {
+                    let t = Instant::now();
+                    match map.png(&x0) {
+                        Ok(png) => a.job.watch.preview(step, png),
+                        Err(e) => tracing::warn!(error = %e, "preview failed"),
                     }
-                    for &o in &owners {
-                        errors[o].get_or_insert_with(|| e.clone());
-                    }
-                    continue;
-                }
-            };
-            let mut seen = Vec::new();
-            for (n, &o) in owners.iter().enumerate() {
-                if !seen.contains(&o) {
-                    timings[o].denoise += denoise_s;
-                    seen.push(o);
-                }
-                if errors[o].is_some() || jobs[o].abandoned() {
-                    continue;
-                }
-                let t = Instant::now();
-                let img = latents
-                    .narrow(0, n, 1)
-                    .map_err(Error::from)
-                    .and_then(|l| self.synthesis.decode(&l));
-                let decode_s = t.elapsed().as_secs_f64();
-                metrics::stage("decode", decode_s);
-                timings[o].decode += decode_s;
-                match img {
-                    Ok(img) => images[o].push(img),
-                    Err(e) => errors[o] = Some(e),
+                    metrics::stage("preview", t.elapsed().as_secs_f64());
                 }
             }
         }
+    }
 
-        // 4. Score the images of the jobs that ask, then answer.
-        let mut scores: Vec<Vec<f32>> = (0..jobs.len()).map(|_| Vec::new()).collect();
-        for (i, layout) in score_layouts.iter().enumerate() {
-            let Some(layout) = layout else { continue };
-            if errors[i].is_some() || jobs[i].abandoned() {
+    /// Decode, score and answer the generations whose last step has run.
+    fn finish_done(&mut self, queue: &Queue) {
+        let mut i = 0;
+        while i < self.active.len() {
+            if !self.active[i].gen.is_done() {
+                i += 1;
                 continue;
             }
-            let t = Instant::now();
-            match crate::pipeline::score::fidelity(&self.layout, layout, &images[i]) {
-                Ok(s) => scores[i] = s,
-                Err(e) => errors[i] = Some(e),
+            let a = self.active.swap_remove(i);
+            self.finish(a, queue);
+        }
+    }
+
+    fn finish(&self, a: Active, queue: &Queue) {
+        let Active {
+            job,
+            gen,
+            computed,
+            mut timings,
+            started,
+        } = a;
+        timings.denoise = started.map_or(0.0, |s| s.elapsed().as_secs_f64());
+        metrics::stage("denoise", timings.denoise);
+        let mut images = Vec::with_capacity(gen.denoising().len());
+        let t = Instant::now();
+        for n in 0..gen.denoising().len() {
+            // A decode is one bounded unit: stop between them.
+            if let Some(why) = job.stop(Instant::now()) {
+                return job.drop_for(why, queue.timeout());
             }
-            let score_s = t.elapsed().as_secs_f64();
-            metrics::stage("score", score_s);
-            timings[i].score = score_s;
+            match gen.decode(&self.synthesis, n) {
+                Ok(img) => images.push(img),
+                Err(e) => {
+                    let _ = job.reply.send(Err(e));
+                    return;
+                }
+            }
         }
-        for (i, job) in jobs.into_iter().enumerate() {
-            let answer = match errors[i].take() {
-                Some(e) => Err(e),
-                None => Ok(Output::Synthesis {
-                    images: std::mem::take(&mut images[i]),
-                    computed_layout: computed[i].take(),
-                    scores: std::mem::take(&mut scores[i]),
-                    timings: timings[i],
-                }),
-            };
-            let _ = job.reply.send(answer);
+        timings.decode = t.elapsed().as_secs_f64();
+        metrics::stage("decode", timings.decode);
+        let t = Instant::now();
+        let scores = match gen.score(Some(&self.layout), &images) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = job.reply.send(Err(e));
+                return;
+            }
+        };
+        if gen.plan().score {
+            timings.score = t.elapsed().as_secs_f64();
+            metrics::stage("score", timings.score);
         }
+        let _ = job.reply.send(Ok(Output::Synthesis {
+            images,
+            computed_layout: computed,
+            scores,
+            timings,
+        }));
     }
 }
 
-/// Answer every job of a batch with (a copy of) the same error.
+/// The fastest of `n` runs of `f`, in seconds (the first pays for first use).
+fn best_of(n: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    let mut best = f64::INFINITY;
+    for _ in 0..n.max(1) {
+        let t = Instant::now();
+        f()?;
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    Ok(best)
+}
+
+/// Answer every job with (a copy of) the same error.
 fn fail_all(jobs: Vec<Job>, e: &Error) {
     tracing::error!(error = %e, jobs = jobs.len(), "batch failed");
     for job in jobs {
@@ -394,30 +698,23 @@ fn fail_all(jobs: Vec<Job>, e: &Error) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::server::queue::Queue;
-    use image::RgbImage;
+    use crate::server::queue::Unwatched;
 
     #[test]
     fn every_job_of_a_failed_batch_learns_the_real_cause() {
-        let queue = Queue::new(4);
+        let queue = Queue::new(4, Duration::from_secs(1));
         let mut replies = Vec::new();
         let jobs: Vec<Job> = (0..3)
             .map(|_| {
                 let (tx, rx) = oneshot::channel();
                 replies.push(rx);
-                let guide = crate::pipeline::spec::LayoutSpec {
-                    patch_size: 14,
-                    max_components: 4,
-                    default_components: 4,
-                    settings: Default::default(),
-                }
-                .prepare(&RgbImage::new(28, 28), Some(28))
-                .unwrap();
+                let guide = crate::guide::prepare_pixels(14, &RgbImage::new(28, 28), 28).unwrap();
                 Job {
                     work: Work::Layout(guide),
                     reply: tx,
                     enqueued: Instant::now(),
                     deadline: Instant::now(),
+                    watch: Arc::new(Unwatched),
                     permit: queue.try_permit().unwrap(),
                 }
             })

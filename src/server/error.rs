@@ -28,6 +28,9 @@ pub enum ApiError {
     #[error("unknown layout_id `{0}` (layouts are kept in a bounded cache: compute it again with POST /layout)")]
     UnknownLayout(String),
 
+    #[error("unknown job `{0}` (finished jobs are kept for --job-ttl-s)")]
+    UnknownJob(String),
+
     #[error("no route for {method} {path}")]
     NoRoute { method: String, path: String },
 
@@ -67,6 +70,8 @@ impl ApiError {
                 Error::Overloaded { .. } => (StatusCode::TOO_MANY_REQUESTS, "overloaded"),
                 Error::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
                 Error::Cancelled => (StatusCode::SERVICE_UNAVAILABLE, "cancelled"),
+                Error::DeadlineExceeded { .. } => (StatusCode::SERVICE_UNAVAILABLE, "timeout"),
+                Error::OverBudget { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "over_time_budget"),
                 Error::ModelFile { .. }
                 | Error::Io { .. }
                 | Error::Tensor(_)
@@ -74,6 +79,7 @@ impl ApiError {
             },
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ApiError::UnknownLayout(_) => (StatusCode::NOT_FOUND, "unknown_layout"),
+            ApiError::UnknownJob(_) => (StatusCode::NOT_FOUND, "unknown_job"),
             ApiError::NoRoute { .. } => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::MethodNotAllowed { .. } => {
                 (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed")
@@ -95,8 +101,16 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
-        if status.is_server_error() {
+        let expected = matches!(
+            self,
+            ApiError::NotReady
+                | ApiError::Timeout(_)
+                | ApiError::Lumen(Error::ShuttingDown | Error::Cancelled | Error::DeadlineExceeded { .. })
+        );
+        if status.is_server_error() && !expected {
             tracing::error!(code, error = %self, "request failed");
+        } else if expected {
+            tracing::info!(code, error = %self, "request not served");
         } else {
             tracing::debug!(code, error = %self, "request refused");
         }
@@ -109,6 +123,7 @@ impl IntoResponse for ApiError {
         let mut res = (status, Json(body)).into_response();
         let retry_after = match &self {
             ApiError::Lumen(Error::Overloaded { .. }) => Some(1),
+            ApiError::Lumen(Error::ShuttingDown) => Some(1),
             ApiError::NotReady => Some(5),
             _ => None,
         };

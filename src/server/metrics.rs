@@ -6,7 +6,18 @@
 //! - `lumen_queue_batch_size` (histogram, label `kind` = layout|synthesis):
 //!   jobs per batch; `lumen_queue_batch_images` images per synthesis batch.
 //! - `lumen_queue_dropped_total` (counter, label `reason` =
-//!   disconnected|deadline): jobs dropped before they ran.
+//!   disconnected|cancelled|deadline): jobs stopped before they finished
+//!   (queued or running).
+//! - `lumen_engine_active_images` (gauge): images being denoised;
+//!   `lumen_engine_step_images` (histogram): images per ControlNet + UNet
+//!   call (step-level batch occupancy);
+//!   `lumen_engine_cancel_free_seconds` (histogram): from a cancel (or a
+//!   deadline) to the engine having dropped the job.
+//! - `lumen_admission_refused_total` (counter, label `reason` =
+//!   overloaded|over_time_budget|shutting_down): requests refused up front.
+//! - `lumen_jobs_total` (counter, label `status` = succeeded|failed|cancelled):
+//!   finished jobs; `lumen_jobs` (gauge, label `status` = queued|running):
+//!   jobs by status.
 //! - `lumen_stage_duration_seconds` (histogram, label `stage` = queue, layout,
 //!   denoise, decode, encode_output).
 //! - `lumen_http_requests_total` (counter, labels `endpoint`, `status`) and
@@ -28,6 +39,12 @@ pub const IN_FLIGHT: &str = "lumen_queue_in_flight";
 pub const BATCH_SIZE: &str = "lumen_queue_batch_size";
 pub const BATCH_IMAGES: &str = "lumen_queue_batch_images";
 pub const DROPPED: &str = "lumen_queue_dropped_total";
+pub const ACTIVE_IMAGES: &str = "lumen_engine_active_images";
+pub const STEP_IMAGES: &str = "lumen_engine_step_images";
+pub const CANCEL_FREE_SECONDS: &str = "lumen_engine_cancel_free_seconds";
+pub const REFUSED: &str = "lumen_admission_refused_total";
+pub const JOBS_FINISHED: &str = "lumen_jobs_total";
+pub const JOBS: &str = "lumen_jobs";
 pub const STAGE_SECONDS: &str = "lumen_stage_duration_seconds";
 pub const REQUESTS: &str = "lumen_http_requests_total";
 pub const REQUEST_SECONDS: &str = "lumen_http_request_duration_seconds";
@@ -48,7 +65,8 @@ pub fn handle() -> PrometheusHandle {
             let builder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &seconds)
                 .and_then(|b| b.set_buckets_for_metric(Matcher::Full(BATCH_SIZE.into()), &sizes))
-                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(BATCH_IMAGES.into()), &sizes));
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(BATCH_IMAGES.into()), &sizes))
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(STEP_IMAGES.into()), &sizes));
             let recorder = match builder {
                 Ok(b) => b.build_recorder(),
                 Err(_) => PrometheusBuilder::new().build_recorder(),
@@ -67,7 +85,17 @@ fn describe() {
     metrics::describe_gauge!(IN_FLIGHT, "Jobs in the batch being run");
     metrics::describe_histogram!(BATCH_SIZE, "Jobs per batch");
     metrics::describe_histogram!(BATCH_IMAGES, "Images per synthesis batch");
-    metrics::describe_counter!(DROPPED, "Jobs dropped before they ran");
+    metrics::describe_counter!(DROPPED, "Jobs stopped before they finished, by reason");
+    metrics::describe_gauge!(ACTIVE_IMAGES, "Images being denoised");
+    metrics::describe_histogram!(STEP_IMAGES, "Images per ControlNet + UNet call");
+    metrics::describe_histogram!(
+        CANCEL_FREE_SECONDS,
+        metrics::Unit::Seconds,
+        "From a cancel or deadline to the engine dropping the job"
+    );
+    metrics::describe_counter!(REFUSED, "Requests refused before admission, by reason");
+    metrics::describe_counter!(JOBS_FINISHED, "Finished jobs by status");
+    metrics::describe_gauge!(JOBS, "Jobs by status (queued, running)");
     metrics::describe_histogram!(
         STAGE_SECONDS,
         metrics::Unit::Seconds,
@@ -87,6 +115,7 @@ fn describe() {
     );
     metrics::gauge!(QUEUE_DEPTH).set(0.0);
     metrics::gauge!(IN_FLIGHT).set(0.0);
+    metrics::gauge!(ACTIVE_IMAGES).set(0.0);
     metrics::gauge!(CONNECTIONS_OPEN).set(0.0);
     metrics::counter!(CONNECTIONS).absolute(0);
     metrics::counter!(HEADER_TIMEOUTS).absolute(0);
@@ -125,6 +154,28 @@ pub fn gauge_queue_depth(n: usize) {
 
 pub fn dropped(reason: &'static str) {
     metrics::counter!(DROPPED, "reason" => reason).increment(1);
+}
+
+pub fn cancel_freed(seconds: f64) {
+    metrics::histogram!(CANCEL_FREE_SECONDS).record(seconds);
+}
+
+pub fn refused(reason: &'static str) {
+    metrics::counter!(REFUSED, "reason" => reason).increment(1);
+}
+
+pub fn job_finished(status: &'static str) {
+    metrics::counter!(JOBS_FINISHED, "status" => status).increment(1);
+}
+
+/// Move one job from status gauge `from` to `to` (None: not counted).
+pub fn job_moved(from: Option<&'static str>, to: Option<&'static str>) {
+    if let Some(f) = from {
+        metrics::gauge!(JOBS, "status" => f).decrement(1.0);
+    }
+    if let Some(t) = to {
+        metrics::gauge!(JOBS, "status" => t).increment(1.0);
+    }
 }
 
 /// Middleware: count every request by route template and status.

@@ -8,8 +8,10 @@
 //!   answer's media type.
 //! - [`api`]: the answers' wire types; [`openapi`]: the document.
 //! - [`conn`]: the accept loop (header timeout, graceful drain).
-//! - [`queue`]: admission (429), batching, dropping abandoned jobs.
-//! - [`engine`]: the inference thread.
+//! - [`queue`]: admission (429) and the jobs waiting; dropping cancelled,
+//!   abandoned and late ones.
+//! - [`engine`]: the inference thread and its step-level scheduling.
+//! - [`jobs`]: asynchronous jobs (status, events, cancel, callbacks).
 //! - [`error`]: the one error → status map.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`state`]: what the handlers share.
@@ -21,6 +23,7 @@ pub mod conn;
 pub mod engine;
 pub mod error;
 pub mod handlers;
+pub mod jobs;
 pub mod metrics;
 pub mod negotiate;
 pub mod openapi;
@@ -43,7 +46,8 @@ use crate::model_folder::ModelSource;
 use crate::pipeline::request::Bounds;
 use crate::pipeline::synthesis::Precision;
 use crate::server::engine::EngineOptions;
-use crate::server::queue::{BatchOptions, Queue};
+use crate::server::jobs::{JobStore, StoreLimits, WebhookAllow};
+use crate::server::queue::Queue;
 use crate::server::state::{AppState, Ready};
 
 pub use args::ServeArgs;
@@ -71,7 +75,6 @@ pub struct Service {
     pub state: Arc<AppState>,
     queue: Arc<Queue>,
     load_failed: Option<oneshot::Receiver<Error>>,
-    batcher: tokio::task::JoinHandle<()>,
     thread: std::thread::JoinHandle<()>,
 }
 
@@ -87,7 +90,8 @@ impl Service {
         let limits = args.limits();
         let _ = metrics::handle();
 
-        let queue = Arc::new(Queue::new(args.max_queue));
+        let request_timeout = Duration::from_secs(args.request_timeout_s);
+        let queue = Arc::new(Queue::new(args.max_queue, request_timeout));
         let state = Arc::new(AppState {
             ready: OnceLock::new(),
             queue: queue.clone(),
@@ -95,29 +99,32 @@ impl Service {
                 NonZeroUsize::new(args.layout_cache).unwrap_or(NonZeroUsize::MIN),
             )),
             body_limit: args.body_limit_mb * 1024 * 1024,
-            request_timeout: Duration::from_secs(args.request_timeout_s),
+            request_timeout,
             body_timeout: Duration::from_secs(args.body_timeout_s),
             api_key: args.api_key.as_deref().map(state::ApiKey::new),
             protect_all: args.protect_all,
             shutting_down: AtomicBool::new(false),
             model_identity: source.identity(),
             openapi_generic: openapi::to_pretty(&openapi::document(&limits, None)),
+            jobs: JobStore::new(StoreLimits {
+                ttl: Duration::from_secs(args.job_ttl_s),
+                max_jobs: args.max_jobs,
+                max_bytes: args.job_store_mb.saturating_mul(1024 * 1024),
+            }),
+            webhook_allow: WebhookAllow::parse(&args.webhook_allow)?,
         });
         let router = router::router(state.clone(), &args.cors_origin)?;
-        let (engine, ready, thread) = engine::start(EngineOptions {
-            source,
-            device: device.clone(),
-            precision,
-            max_batch: args.max_batch,
-        })?;
-        let batcher = tokio::spawn(queue::run_batcher(
-            queue.clone(),
-            engine,
-            BatchOptions {
+        let (ready, thread) = engine::start(
+            EngineOptions {
+                source,
+                device: device.clone(),
+                precision,
                 max_batch: args.max_batch,
+                scheduling: args.scheduling,
                 max_wait: Duration::from_millis(args.max_wait_ms),
             },
-        ));
+            queue.clone(),
+        )?;
 
         // Readiness flips once the models are loaded and warmed up and their
         // bounds under the limits are known; a failure stops the service.
@@ -126,8 +133,8 @@ impl Service {
             let state = state.clone();
             let (device, dtype) = (device_name(&device), dtype_name(dtype));
             tokio::spawn(async move {
-                let specs = match ready.await {
-                    Ok(Ok(specs)) => specs,
+                let engine = match ready.await {
+                    Ok(Ok(r)) => r,
                     Ok(Err(e)) => return drop(failed_tx.send(e)),
                     Err(_) => {
                         let e =
@@ -135,6 +142,7 @@ impl Service {
                         return drop(failed_tx.send(e));
                     }
                 };
+                let specs = engine.specs;
                 match Bounds::new(&specs, limits) {
                     Ok(bounds) => {
                         let openapi =
@@ -145,6 +153,7 @@ impl Service {
                             device,
                             dtype,
                             openapi,
+                            costs: engine.costs,
                         }));
                         tracing::info!("ready");
                     }
@@ -157,7 +166,6 @@ impl Service {
             state,
             queue,
             load_failed: Some(failed_rx),
-            batcher,
             thread,
         })
     }
@@ -177,11 +185,10 @@ impl Service {
         }
     }
 
-    /// Stop taking work, let the batcher finish, stop the inference thread.
+    /// Stop taking work, let the inference thread finish what it has, stop it.
     pub async fn stop(self) {
         self.state.shutting_down.store(true, Ordering::SeqCst);
         self.queue.close();
-        let _ = self.batcher.await;
         let thread = self.thread;
         let _ = tokio::task::spawn_blocking(move || thread.join()).await;
     }
@@ -206,6 +213,8 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         let state = service.state.clone();
         let load_error = load_error.clone();
         let delay = Duration::from_secs(args.shutdown_delay_s);
+        let drain = Duration::from_secs(args.drain_timeout_s);
+        let queue = service.queue.clone();
         async move {
             let failed = async {
                 match load_failed {
@@ -235,7 +244,20 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
                     _ = shutdown_signal() => {}
                 }
             }
-            tracing::info!("draining: no new connections, finishing the requests in flight");
+            tracing::info!(
+                seconds = drain.as_secs(),
+                "draining: no new connections, finishing the requests in flight"
+            );
+            // In-flight work gets the drain timeout, then is stopped: its
+            // requests answer 503 and their connections close.
+            let queue = queue.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(drain).await;
+                if !queue.is_empty() || !queue.is_closed() {
+                    tracing::warn!("drain timeout: stopping the work still in flight");
+                }
+                queue.abort();
+            });
         }
     };
     conn::serve_connections(

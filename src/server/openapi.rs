@@ -27,6 +27,10 @@ use crate::pipeline::request::{rules, Bounds, FieldRule, Limits};
     paths(
         crate::server::handlers::layout::layout,
         crate::server::handlers::synthesize::synthesize,
+        crate::server::handlers::jobs::create,
+        crate::server::handlers::jobs::get,
+        crate::server::handlers::jobs::cancel,
+        crate::server::handlers::jobs::events,
         crate::server::handlers::status::health,
         crate::server::handlers::status::ready,
         crate::server::handlers::status::metrics,
@@ -41,10 +45,17 @@ use crate::pipeline::request::{rules, Bounds, FieldRule, Limits};
         crate::server::api::Timings,
         crate::server::api::ErrorBody,
         crate::server::api::ErrorDetail,
-        crate::server::api::Status
+        crate::server::api::Status,
+        crate::server::jobs::JobAccepted,
+        crate::server::jobs::JobStatus,
+        crate::server::jobs::JobLinks,
+        crate::server::jobs::JobState
     )),
     modifiers(&SecurityAddon),
-    tags((name = "lumen", description = "Neural layouts and layout-conditioned synthesis"))
+    tags(
+        (name = "lumen", description = "Neural layouts and layout-conditioned synthesis"),
+        (name = "jobs", description = "Asynchronous syntheses: progress, previews, cancel")
+    )
 )]
 struct ApiDoc;
 
@@ -92,6 +103,7 @@ pub fn document(limits: &Limits, bounds: Option<&Bounds>) -> Value {
     for (path, json_name, form_name) in [
         ("/layout", "LayoutJson", "LayoutForm"),
         ("/synthesize", "SynthesizeJson", "SynthesizeForm"),
+        ("/jobs", "SynthesizeJson", "SynthesizeForm"),
     ] {
         let op = &mut doc["paths"][path]["post"];
         let content = &mut op["requestBody"]["content"];
@@ -175,6 +187,16 @@ fn request_body(base: &Value, json: bool, synthesis: bool, rules: &[FieldRule]) 
         })
     };
     props.insert("image".into(), image);
+    if synthesis {
+        props.insert(
+            "callback_url".into(),
+            json!({
+                "type": if json { nullable("string") } else { json!("string") },
+                "format": "uri",
+                "description": "Asynchronous jobs only (POST /jobs, or /synthesize with `Prefer: respond-async`): the final status is POSTed here. Only hosts in the server's --webhook-allow are accepted (none by default).",
+            }),
+        );
+    }
     let mut schema = json!({
         "type": "object",
         "description": base["description"],

@@ -10,11 +10,10 @@ use axum::routing::{get, post};
 use axum::Router;
 use tower_http::cors::{AllowOrigin, Any, CorsLayer};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use tower_http::trace::TraceLayer;
 
 use crate::error::{Error, Result};
 use crate::server::error::ApiError;
-use crate::server::handlers::{layout, status, synthesize};
+use crate::server::handlers::{jobs, layout, status, synthesize};
 use crate::server::metrics;
 use crate::server::state::AppState;
 
@@ -24,6 +23,9 @@ pub fn router(state: Arc<AppState>, cors_origins: &[String]) -> Result<Router> {
     let protected = Router::new()
         .route("/layout", post(layout::layout))
         .route("/synthesize", post(synthesize::synthesize))
+        .route("/jobs", post(jobs::create))
+        .route("/jobs/{id}", get(jobs::get).delete(jobs::cancel))
+        .route("/jobs/{id}/events", get(jobs::events))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
     let mut about = Router::new()
         .route("/metrics", get(status::metrics))
@@ -47,16 +49,36 @@ pub fn router(state: Arc<AppState>, cors_origins: &[String]) -> Result<Router> {
     }
     let request_id = HeaderName::from_static("x-request-id");
     Ok(app
+        .layer(middleware::from_fn(log_request))
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
-        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
-            let id = req
-                .headers()
-                .get("x-request-id")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("-");
-            tracing::info_span!("request", id, method = %req.method(), path = %req.uri().path())
-        }))
         .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid)))
+}
+
+/// Middleware: one `info` line per request when its answer is ready (id,
+/// method, path, status, duration, response bytes when known), inside a
+/// span that the handlers' own lines share. Never the query, the headers
+/// (the key) or the body.
+async fn log_request(req: Request, next: Next) -> Response {
+    let id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-")
+        .to_string();
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let span = tracing::info_span!("request", id = %id, method = %method, path = %path);
+    let start = std::time::Instant::now();
+    let res = tracing::Instrument::instrument(next.run(req), span.clone()).await;
+    let bytes = axum::body::HttpBody::size_hint(res.body()).exact();
+    let _enter = span.enter();
+    tracing::info!(
+        status = res.status().as_u16(),
+        ms = (start.elapsed().as_secs_f64() * 1e4).round() / 10.0,
+        bytes,
+        "request"
+    );
+    res
 }
 
 fn cors_layer(origins: &[String]) -> Result<CorsLayer> {
@@ -75,12 +97,13 @@ fn cors_layer(origins: &[String]) -> Result<CorsLayer> {
     };
     Ok(CorsLayer::new()
         .allow_origin(allow)
-        .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
+        .allow_methods([Method::GET, Method::POST, Method::DELETE, Method::OPTIONS])
         .allow_headers(Any)
         .expose_headers([
             HeaderName::from_static("x-request-id"),
             HeaderName::from_static("x-lumen-seed"),
             HeaderName::from_static("x-lumen-score"),
+            HeaderName::from_static("location"),
         ]))
 }
 

@@ -9,6 +9,8 @@ use crate::pipeline::layout::Layout;
 use crate::pipeline::request::Bounds;
 use crate::pipeline::spec::ModelSpecs;
 use crate::server::error::ApiError;
+use crate::pipeline::cost::CostModel;
+use crate::server::jobs::{JobStore, WebhookAllow};
 use crate::server::queue::Queue;
 
 /// The loaded models, as request handling sees them.
@@ -21,6 +23,8 @@ pub struct Ready {
     pub dtype: String,
     /// `/openapi.json`: the document with this deployment's bounds.
     pub openapi: String,
+    /// What each stage costs on this device (admission).
+    pub costs: CostModel,
 }
 
 /// A layout kept for `layout_id`: at Kmax, with the guide's size.
@@ -76,6 +80,9 @@ pub struct AppState {
     pub model_identity: String,
     /// The OpenAPI document before the models are loaded (no model bounds).
     pub openapi_generic: String,
+    /// Asynchronous jobs.
+    pub jobs: JobStore,
+    pub webhook_allow: WebhookAllow,
 }
 
 impl AppState {

@@ -21,8 +21,8 @@ pub const DEFAULT_CONTROL_SCALE: f64 = 1.0;
 pub const DEFAULT_NUM_IMAGES: usize = 1;
 /// Longer side of the output when a request gives neither width nor height.
 pub const DEFAULT_LONG_SIDE: u32 = 512;
-/// Guidance and control scales lie within ±this.
-pub const MAX_ABS_SCALE: f64 = 1000.0;
+/// Guidance and control scales lie within ±this (one bound with `lumen.json`'s).
+pub use crate::config::MAX_ABS_SCALE;
 
 /// What one deployment allows a request (`lumen serve --max-*`; the CLI and
 /// batch jobs use the defaults).

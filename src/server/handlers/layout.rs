@@ -19,7 +19,7 @@ use crate::server::body::{b64, cached_field_types, FieldType, Fields};
 use crate::server::error::ApiResult;
 use crate::server::metrics;
 use crate::server::negotiate::LayoutAccept;
-use crate::server::queue::{Output, Work};
+use crate::server::queue::{Output, Unwatched, Work};
 use crate::server::state::{AppState, CachedLayout};
 
 static TYPES: OnceLock<HashMap<String, FieldType>> = OnceLock::new();
@@ -70,7 +70,7 @@ pub async fn layout(State(state): State<Arc<AppState>>, req: Request) -> ApiResu
         GuideLayout::Cached(c) => c,
         GuideLayout::Prepared(guide) => {
             let source_size = guide.source_size;
-            let Output::Layout { layout, .. } = enqueue(&state, Work::Layout(guide)).await? else {
+            let Output::Layout { layout, .. } = enqueue(&state, Work::Layout(guide), Arc::new(Unwatched)).await? else {
                 return Err(Error::Internal("unexpected answer to a layout job".into()).into());
             };
             let c = CachedLayout {

@@ -4,6 +4,7 @@
 //! unknown routes. Shared here: the guide (cache or decode), the queue, the
 //! blocking pool. A handler never touches model weights.
 
+pub mod jobs;
 pub mod layout;
 pub mod status;
 pub mod synthesize;
@@ -21,7 +22,8 @@ use crate::guide;
 use crate::pipeline::layout::PreparedGuide;
 use crate::pipeline::layout_id::guide_key;
 use crate::server::error::{ApiError, ApiResult};
-use crate::server::queue::{Job, Output, Work};
+use crate::server::metrics;
+use crate::server::queue::{Job, JobWatch, Output, Work};
 use crate::server::state::{AppState, CachedLayout, Ready};
 
 /// A guide's layout: already in the cache, or a guide ready for the encoder.
@@ -62,19 +64,44 @@ fn missing_image(alternative: &str) -> ApiError {
     .into()
 }
 
-/// Queue a job and wait for its answer (or the deadline).
-async fn enqueue(state: &AppState, work: Work) -> ApiResult<Output> {
-    let permit = state.queue.try_permit()?;
+/// Queue a job (429 at once when the queue is full) and wait for its answer.
+async fn enqueue(state: &AppState, work: Work, watch: Arc<dyn JobWatch>) -> ApiResult<Output> {
+    let rx = submit(state, work, watch)?;
+    answer(state, rx).await
+}
+
+/// Queue a job; its answer comes on the receiver.
+fn submit(
+    state: &AppState,
+    work: Work,
+    watch: Arc<dyn JobWatch>,
+) -> ApiResult<oneshot::Receiver<Result<Output>>> {
+    let permit = state
+        .queue
+        .try_permit()
+        .inspect_err(|_| metrics::refused("overloaded"))?;
     let (tx, rx) = oneshot::channel();
     let now = Instant::now();
-    state.queue.push(Job {
-        work,
-        reply: tx,
-        enqueued: now,
-        deadline: now + state.request_timeout,
-        permit,
-    })?;
-    match tokio::time::timeout(state.request_timeout, rx).await {
+    state
+        .queue
+        .push(Job {
+            work,
+            reply: tx,
+            enqueued: now,
+            deadline: now + state.request_timeout,
+            watch,
+            permit,
+        })
+        .inspect_err(|_| metrics::refused("shutting_down"))?;
+    Ok(rx)
+}
+
+/// Wait for a queued job's answer. The engine holds the job to the request
+/// timeout (stopping it at its next step); this wait gives up a little
+/// later, should the engine be stuck in one long call.
+async fn answer(state: &AppState, rx: oneshot::Receiver<Result<Output>>) -> ApiResult<Output> {
+    let backstop = state.request_timeout + std::time::Duration::from_secs(5);
+    match tokio::time::timeout(backstop, rx).await {
         Err(_) => Err(ApiError::Timeout(state.request_timeout.as_secs())),
         Ok(Err(_)) => {
             Err(Error::Internal("the inference thread failed on this request".into()).into())

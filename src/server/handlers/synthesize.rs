@@ -10,7 +10,9 @@ use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
-use super::{binary, blocking, enqueue, missing_image, resolve_guide, GuideLayout};
+use tokio::sync::oneshot;
+
+use super::{answer, binary, blocking, missing_image, resolve_guide, submit, GuideLayout};
 use crate::error::{Error, Result};
 use crate::pipeline::layout_id;
 use crate::pipeline::request::{GuideInfo, SynthesisRequest};
@@ -19,7 +21,9 @@ use crate::server::body::{b64, cached_field_types, FieldType, Fields};
 use crate::server::error::{ApiError, ApiResult};
 use crate::server::metrics;
 use crate::server::negotiate::ImageAccept;
-use crate::server::queue::{LayoutInput, Output, SynthesisWork, Work};
+use crate::pipeline::output::OutputFormat;
+use crate::pipeline::request::SynthesisParameters;
+use crate::server::queue::{JobTimings, JobWatch, LayoutInput, Output, SynthesisWork, Unwatched, Work};
 use crate::server::state::{AppState, CachedLayout, Ready};
 
 static TYPES: OnceLock<HashMap<String, FieldType>> = OnceLock::new();
@@ -58,114 +62,281 @@ static TYPES: OnceLock<HashMap<String, FieldType>> = OnceLock::new();
     security((), ("bearer" = []), ("api_key" = []))
 )]
 pub async fn synthesize(State(state): State<Arc<AppState>>, req: Request) -> ApiResult<Response> {
-    let start = Instant::now();
-    let ready = state.ready()?;
-    let accept = ImageAccept::parse(req.headers())?;
-    let types = cached_field_types::<SynthesisRequest>(&TYPES);
-    let mut fields = Fields::read(&state, req, types).await?;
-    let image = fields.take_image()?;
-    let layout_id = fields.take_str("layout_id")?;
-    if layout_id.is_some() && fields.is_multipart() {
-        // A multipart request uploads its guide; the document says so too.
-        return Err(Error::request(
-            "layout_id",
-            "a multipart request uploads its guide image; send a layout_id in a JSON body",
+    if prefers_async(req.headers()) {
+        let sub = Submission::read(&state, req, true).await?;
+        let mut res = super::jobs::spawn(state, sub)?;
+        res.headers_mut().insert(
+            "preference-applied",
+            axum::http::HeaderValue::from_static("respond-async"),
+        );
+        return Ok(res);
+    }
+    let sub = Submission::read(&state, req, false).await?;
+    if sub.callback_url.is_some() {
+        return Err(Error::param(
+            "callback_url",
+            "applies to an asynchronous job: POST /jobs, or send `Prefer: respond-async`",
         )
         .into());
     }
-    let mut request: SynthesisRequest = fields.parse()?;
-    if request.format.is_none() {
-        request.format = Some(accept.default_format().name().into());
-    }
-    // Every parameter is checked before the guide is decoded.
-    request.validate(&ready.bounds)?;
-    accept.check(request.num_images(), request.format()?)?;
+    let accept = sub.accept;
+    let answer = sub.run(&state, Arc::new(Unwatched)).await?;
+    answer.into_response(accept)
+}
 
-    let guide = Guide::resolve(&state, &ready, &request, image, layout_id).await?;
-    let plan = request.resolve(&ready.bounds, &guide.info)?;
-    let parameters = plan.parameters(
-        layout_id::layout_id(&guide.key, plan.components),
-        &ready.specs.model,
-    );
-    let format = plan.format;
-    let work = Work::Synthesis(SynthesisWork {
-        plan,
-        layout: guide.input,
-    });
-    let Output::Synthesis {
-        images,
-        computed_layout,
-        scores,
-        timings,
-    } = enqueue(&state, work).await?
-    else {
-        return Err(Error::Internal("unexpected answer to a synthesis job".into()).into());
-    };
-    if let Some(layout) = computed_layout {
-        state.cache_put(
-            guide.key.clone(),
-            CachedLayout {
-                layout,
-                source_size: guide.info.source_size,
-                layout_size: parameters.layout_size,
-            },
-        );
-    }
+/// Whether the request carries `Prefer: respond-async` (RFC 7240).
+fn prefers_async(headers: &axum::http::HeaderMap) -> bool {
+    headers
+        .get_all("prefer")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| {
+            p.split(';')
+                .next()
+                .is_some_and(|t| t.trim().eq_ignore_ascii_case("respond-async"))
+        })
+}
 
-    let encode_start = Instant::now();
-    let record = parameters.clone();
-    let encoded: Vec<(u64, Vec<u8>)> = blocking(move || {
-        images
-            .iter()
-            .enumerate()
-            .map(|(i, img)| {
-                let r = record.for_image(i);
-                Ok((r.seed, format.encode(img, &r)?))
-            })
-            .collect::<Result<Vec<_>>>()
-    })
-    .await?;
-    let encode_s = encode_start.elapsed().as_secs_f64();
-    metrics::stage("encode_output", encode_s);
-    metrics::stage("request_synthesize", start.elapsed().as_secs_f64());
-    if let ImageAccept::Raw(_) = accept {
-        let (seed, bytes) = encoded
-            .into_iter()
-            .next()
-            .ok_or_else(|| Error::Internal("no image was generated".into()))?;
-        let mut res = binary(format.mime(), bytes);
-        res.headers_mut().insert("x-lumen-seed", seed.into());
-        if let Some(score) = scores.first() {
-            if let Ok(v) = axum::http::HeaderValue::from_str(&score.to_string()) {
-                res.headers_mut().insert("x-lumen-score", v);
-            }
+/// A `/synthesize` body read, checked, resolved and admitted (its estimated
+/// run time fits the request timeout): ready to queue.
+pub(crate) struct Submission {
+    accept: ImageAccept,
+    pub(crate) work: Work,
+    parameters: SynthesisParameters,
+    format: OutputFormat,
+    guide_key: String,
+    source_size: (u32, u32),
+    /// Where an asynchronous job's final status goes (checked).
+    pub(crate) callback_url: Option<url::Url>,
+    pub(crate) estimate_s: f64,
+    pub(crate) steps: usize,
+    start: Instant,
+}
+
+/// A finished synthesis, encoded.
+pub(crate) struct Answer {
+    encoded: Vec<(u64, Vec<u8>)>,
+    scores: Vec<f32>,
+    parameters: SynthesisParameters,
+    format: OutputFormat,
+    timings: JobTimings,
+    encode_s: f64,
+    start: Instant,
+}
+
+impl Submission {
+    /// Read the body (JSON or multipart), check every parameter before the
+    /// guide is decoded, resolve the guide (cache or decode) and the plan,
+    /// and refuse what cannot finish in time. `is_job`: an asynchronous job
+    /// (its answer is JSON whatever `Accept` says).
+    pub(crate) async fn read(state: &Arc<AppState>, req: Request, is_job: bool) -> ApiResult<Self> {
+        let start = Instant::now();
+        let ready = state.ready()?;
+        let accept = if is_job {
+            ImageAccept::Json
+        } else {
+            ImageAccept::parse(req.headers())?
+        };
+        let types = cached_field_types::<SynthesisRequest>(&TYPES);
+        let mut fields = Fields::read(state, req, types).await?;
+        let image = fields.take_image()?;
+        let layout_id = fields.take_str("layout_id")?;
+        let callback = fields.take_str("callback_url")?;
+        if layout_id.is_some() && fields.is_multipart() {
+            // A multipart request uploads its guide; the document says so too.
+            return Err(Error::request(
+                "layout_id",
+                "a multipart request uploads its guide image; send a layout_id in a JSON body",
+            )
+            .into());
         }
-        return Ok(res);
+        let callback_url = callback
+            .map(|c| state.webhook_allow.check(&c))
+            .transpose()?;
+        let mut request: SynthesisRequest = fields.parse()?;
+        if request.format.is_none() {
+            request.format = Some(accept.default_format().name().into());
+        }
+        // Every parameter is checked before the guide is decoded.
+        request.validate(&ready.bounds)?;
+        accept.check(request.num_images(), request.format()?)?;
+
+        let guide = Guide::resolve(state, &ready, &request, image, layout_id).await?;
+        let plan = request.resolve(&ready.bounds, &guide.info)?;
+        let encodes = matches!(guide.input, LayoutInput::Guide(_));
+        let estimate = ready
+            .costs
+            .admit(
+                &ready.specs,
+                &plan,
+                encodes,
+                state.request_timeout.as_secs_f64(),
+                &ready.device,
+            )
+            .inspect_err(|_| metrics::refused("over_time_budget"))?;
+        let parameters = plan.parameters(
+            layout_id::layout_id(&guide.key, plan.components),
+            &ready.specs.model,
+        );
+        Ok(Self {
+            accept,
+            format: plan.format,
+            steps: plan.settings.steps,
+            work: Work::Synthesis(SynthesisWork {
+                plan,
+                layout: guide.input,
+            }),
+            parameters,
+            guide_key: guide.key,
+            source_size: guide.info.source_size,
+            callback_url,
+            estimate_s: estimate.total_s,
+            start,
+        })
     }
-    let ms = |s: f64| (s * 1e6).round() / 1e3;
-    Ok(Json(SynthesizeResponse {
-        images: encoded
-            .into_iter()
-            .enumerate()
-            .map(|(i, (seed, bytes))| ImageOut {
-                seed,
-                data: b64(&bytes),
-                score: scores.get(i).copied(),
-            })
-            .collect(),
-        parameters,
-        timings: Timings {
-            queue_ms: ms(timings.queue),
-            layout_ms: ms(timings.layout),
-            denoise_ms: ms(timings.denoise),
-            decode_ms: ms(timings.decode),
-            score_ms: ms(timings.score),
-            encode_ms: ms(encode_s),
-            total_ms: ms(start.elapsed().as_secs_f64()),
-            batch_images: timings.batch_images,
-        },
-    })
-    .into_response())
+
+    /// Queue it, wait for the images, encode them.
+    pub(crate) async fn run(self, state: &AppState, watch: Arc<dyn JobWatch>) -> ApiResult<Answer> {
+        let (rx, pending) = self.queue(state, watch)?;
+        pending.finish(state, rx).await
+    }
+
+    /// Queue it now (429 when full); [`Pending::finish`] waits for the answer.
+    pub(crate) fn queue(
+        self,
+        state: &AppState,
+        watch: Arc<dyn JobWatch>,
+    ) -> ApiResult<(oneshot::Receiver<Result<Output>>, Pending)> {
+        let rx = submit(state, self.work, watch)?;
+        Ok((
+            rx,
+            Pending {
+                parameters: self.parameters,
+                format: self.format,
+                guide_key: self.guide_key,
+                source_size: self.source_size,
+                start: self.start,
+            },
+        ))
+    }
+}
+
+/// A queued synthesis: what its answer needs besides the images.
+pub(crate) struct Pending {
+    parameters: SynthesisParameters,
+    format: OutputFormat,
+    guide_key: String,
+    source_size: (u32, u32),
+    start: Instant,
+}
+
+impl Pending {
+    /// Wait for the images, keep a newly computed layout, encode the images.
+    pub(crate) async fn finish(
+        self,
+        state: &AppState,
+        rx: oneshot::Receiver<Result<Output>>,
+    ) -> ApiResult<Answer> {
+        let Output::Synthesis {
+            images,
+            computed_layout,
+            scores,
+            timings,
+        } = answer(state, rx).await?
+        else {
+            return Err(Error::Internal("unexpected answer to a synthesis job".into()).into());
+        };
+        if let Some(layout) = computed_layout {
+            state.cache_put(
+                self.guide_key.clone(),
+                CachedLayout {
+                    layout,
+                    source_size: self.source_size,
+                    layout_size: self.parameters.layout_size,
+                },
+            );
+        }
+        let encode_start = Instant::now();
+        let record = self.parameters.clone();
+        let format = self.format;
+        let encoded: Vec<(u64, Vec<u8>)> = blocking(move || {
+            images
+                .iter()
+                .enumerate()
+                .map(|(i, img)| {
+                    let r = record.for_image(i);
+                    Ok((r.seed, format.encode(img, &r)?))
+                })
+                .collect::<Result<Vec<_>>>()
+        })
+        .await?;
+        let encode_s = encode_start.elapsed().as_secs_f64();
+        metrics::stage("encode_output", encode_s);
+        metrics::stage("request_synthesize", self.start.elapsed().as_secs_f64());
+        Ok(Answer {
+            encoded,
+            scores,
+            parameters: self.parameters,
+            format,
+            timings,
+            encode_s,
+            start: self.start,
+        })
+    }
+}
+
+impl Answer {
+    /// The JSON answer.
+    pub(crate) fn json(self) -> SynthesizeResponse {
+        let ms = |s: f64| (s * 1e6).round() / 1e3;
+        let t = self.timings;
+        SynthesizeResponse {
+            images: self
+                .encoded
+                .into_iter()
+                .enumerate()
+                .map(|(i, (seed, bytes))| ImageOut {
+                    seed,
+                    data: b64(&bytes),
+                    score: self.scores.get(i).copied(),
+                })
+                .collect(),
+            parameters: self.parameters,
+            timings: Timings {
+                queue_ms: ms(t.queue),
+                layout_ms: ms(t.layout),
+                denoise_ms: ms(t.denoise),
+                decode_ms: ms(t.decode),
+                score_ms: ms(t.score),
+                encode_ms: ms(self.encode_s),
+                total_ms: ms(self.start.elapsed().as_secs_f64()),
+                batch_images: t.batch_images,
+            },
+        }
+    }
+
+    /// The answer as `accept` asks: JSON, or the one raw image.
+    fn into_response(self, accept: ImageAccept) -> ApiResult<Response> {
+        if let ImageAccept::Raw(_) = accept {
+            let mime = self.format.mime();
+            let score = self.scores.first().copied();
+            let (seed, bytes) = self
+                .encoded
+                .into_iter()
+                .next()
+                .ok_or_else(|| Error::Internal("no image was generated".into()))?;
+            let mut res = binary(mime, bytes);
+            res.headers_mut().insert("x-lumen-seed", seed.into());
+            if let Some(score) = score {
+                if let Ok(v) = axum::http::HeaderValue::from_str(&score.to_string()) {
+                    res.headers_mut().insert("x-lumen-score", v);
+                }
+            }
+            return Ok(res);
+        }
+        Ok(Json(self.json()).into_response())
+    }
 }
 
 /// Where a synthesis' layout comes from.

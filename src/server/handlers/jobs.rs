@@ -1,0 +1,264 @@
+//! The jobs routes: `POST /jobs` (the `/synthesize` body, answered 202),
+//! `GET /jobs/{id}`, `GET /jobs/{id}/events` (Server-Sent Events) and
+//! `DELETE /jobs/{id}` (cancel). The records live in [`crate::server::jobs`].
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures_util::stream::{self, Stream};
+use serde::Deserialize;
+
+use super::synthesize::Submission;
+use crate::error::Error;
+use crate::server::api::{ErrorBody, ErrorDetail};
+use crate::server::error::{ApiError, ApiResult};
+use crate::server::jobs::{send_callback, JobAccepted, JobRecord, JobStatus};
+use crate::server::state::AppState;
+
+/// Start an asynchronous synthesis: the `/synthesize` body (JSON or
+/// multipart), plus an optional `callback_url`.
+#[utoipa::path(
+    post,
+    path = "/jobs",
+    tag = "jobs",
+    request_body(
+        description = "The `/synthesize` body (JSON or multipart), with an optional `callback_url`: the final status is POSTed there (only to hosts in the server's --webhook-allow).",
+        content(
+            (crate::pipeline::request::SynthesisRequest = "application/json"),
+            (crate::pipeline::request::SynthesisRequest = "multipart/form-data"),
+        )
+    ),
+    responses(
+        (status = 202, description = "Queued; follow `Location` (or `links`)", body = JobAccepted,
+            headers(("location" = String, description = "/jobs/{id}"))),
+        (status = 400, description = "Invalid request or parameter (the message names the field)", body = ErrorBody),
+        (status = 401, description = "Missing or wrong API key", body = ErrorBody),
+        (status = 404, description = "Unknown layout_id", body = ErrorBody),
+        (status = 413, description = "Body over the limit", body = ErrorBody),
+        (status = 415, description = "Body neither JSON nor multipart", body = ErrorBody),
+        (status = 422, description = "Image cannot be decoded or is over the pixel limit; or the request would not finish within the request timeout (over_time_budget: the message names the fields to lower and the estimate)", body = ErrorBody),
+        (status = 429, description = "Queue or job store full (see Retry-After)", body = ErrorBody),
+        (status = 503, description = "Not ready or shutting down", body = ErrorBody),
+    ),
+    security((), ("bearer" = []), ("api_key" = []))
+)]
+pub async fn create(State(state): State<Arc<AppState>>, req: Request) -> ApiResult<Response> {
+    let sub = Submission::read(&state, req, true).await?;
+    spawn(state, sub)
+}
+
+/// Queue `sub` as a job (429 when full), run it in the background, and
+/// answer 202 with its id and links.
+pub(crate) fn spawn(state: Arc<AppState>, sub: Submission) -> ApiResult<Response> {
+    let rec = JobRecord::new(sub.callback_url.clone());
+    rec.planned(sub.steps, sub.estimate_s);
+    state.jobs.insert(rec.clone())?;
+    let (rx, pending) = match sub.queue(&state, rec.clone()) {
+        Ok(x) => x,
+        Err(e) => {
+            rec.finish(Err(detail(&e)));
+            return Err(e);
+        }
+    };
+    let status = rec.status();
+    {
+        let rec = rec.clone();
+        let state = state.clone();
+        tokio::spawn(async move {
+            let outcome = match pending.finish(&state, rx).await {
+                Ok(answer) => serde_json::to_value(answer.json())
+                    .map_err(|e| detail(&Error::Internal(e.to_string()).into())),
+                Err(e) => Err(detail(&e)),
+            };
+            rec.finish(outcome);
+            tracing::info!(job = %rec.id, status = rec.state().name(), "job finished");
+            send_callback(&rec);
+        });
+    }
+    let body = JobAccepted {
+        id: status.id.clone(),
+        status: status.status,
+        queue_position: status.queue_position,
+        links: status.links.clone(),
+    };
+    let mut res = (StatusCode::ACCEPTED, Json(body)).into_response();
+    if let Ok(v) = HeaderValue::from_str(&status.links.this) {
+        res.headers_mut().insert(header::LOCATION, v);
+    }
+    Ok(res)
+}
+
+fn detail(e: &ApiError) -> ErrorDetail {
+    let (_, code) = e.status_and_code();
+    ErrorDetail {
+        code: code.to_string(),
+        message: e.to_string(),
+    }
+}
+
+fn find(state: &AppState, id: &str) -> ApiResult<Arc<JobRecord>> {
+    state
+        .jobs
+        .get(id)
+        .ok_or_else(|| ApiError::UnknownJob(id.to_string()))
+}
+
+/// A job's status, with its result once succeeded.
+#[utoipa::path(
+    get,
+    path = "/jobs/{id}",
+    tag = "jobs",
+    params(("id" = String, Path, description = "The job's id")),
+    responses(
+        (status = 200, description = "The job", body = JobStatus),
+        (status = 401, description = "Missing or wrong API key", body = ErrorBody),
+        (status = 404, description = "Unknown (or expired) job", body = ErrorBody),
+    ),
+    security((), ("bearer" = []), ("api_key" = []))
+)]
+pub async fn get(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<JobStatus>> {
+    Ok(Json(find(&state, &id)?.status()))
+}
+
+/// Cancel a job: a queued one leaves the queue, a running one its batch at
+/// the next step. Answers the final status; idempotent on finished jobs.
+#[utoipa::path(
+    delete,
+    path = "/jobs/{id}",
+    tag = "jobs",
+    params(("id" = String, Path, description = "The job's id")),
+    responses(
+        (status = 200, description = "The job's status after the cancel (cancelled, or how it had already ended; still running only if its current step outlasted 10 s)", body = JobStatus),
+        (status = 401, description = "Missing or wrong API key", body = ErrorBody),
+        (status = 404, description = "Unknown (or expired) job", body = ErrorBody),
+    ),
+    security((), ("bearer" = []), ("api_key" = []))
+)]
+pub async fn cancel(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<JobStatus>> {
+    let rec = find(&state, &id)?;
+    if rec.cancel() {
+        // The engine drops it at its next step (or the queue at its next look).
+        let wait = async {
+            let mut last = 0;
+            while !rec.state().is_final() {
+                rec.changed(last).await;
+                last = rec.events_after(0, 0).0.last().map_or(last, |e| e.id);
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(10), wait).await;
+    }
+    Ok(Json(rec.status()))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct EventsQuery {
+    /// Send a `preview` event (a small PNG of image 0, base64) every N steps.
+    pub preview: Option<usize>,
+}
+
+/// The job's events as Server-Sent Events: `queued` (`position`),
+/// `progress` (`step`, `steps`, `eta_s`), `preview` (with `?preview=N`:
+/// `step`, `image`, a base64 PNG at latent resolution), and at the end
+/// `succeeded` (the result), `failed` or `cancelled` (`error`). Every event
+/// has an id; reconnecting with `Last-Event-ID` resumes after it.
+#[utoipa::path(
+    get,
+    path = "/jobs/{id}/events",
+    tag = "jobs",
+    params(("id" = String, Path, description = "The job's id"), EventsQuery,
+        ("last-event-id" = Option<u64>, Header, description = "Resume after this event")),
+    responses(
+        (status = 200, description = "An event stream", content_type = "text/event-stream", body = String),
+        (status = 400, description = "Bad `preview` or `Last-Event-ID`", body = ErrorBody),
+        (status = 401, description = "Missing or wrong API key", body = ErrorBody),
+        (status = 404, description = "Unknown (or expired) job", body = ErrorBody),
+    ),
+    security((), ("bearer" = []), ("api_key" = []))
+)]
+pub async fn events(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    Query(q): Query<EventsQuery>,
+    headers: HeaderMap,
+) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
+    let rec = find(&state, &id)?;
+    let last = match headers.get("last-event-id") {
+        None => 0,
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .ok_or_else(|| Error::request("Last-Event-ID", "must be an event id (an integer)"))?,
+    };
+    let preview = q.preview.unwrap_or(0);
+    if preview > 100_000 {
+        return Err(Error::param("preview", "must be at most 100000 steps").into());
+    }
+    let guard = PreviewGuard::new(rec.clone(), preview);
+    let stream = stream::unfold(
+        (guard, last, Vec::new().into_iter(), false),
+        |(guard, mut last, mut pending, mut ended)| async move {
+            loop {
+                if let Some(e) = pending.next() {
+                    let e: crate::server::jobs::StoredEvent = e;
+                    last = e.id;
+                    let event = Event::default()
+                        .id(e.id.to_string())
+                        .event(e.name)
+                        .data(e.data.as_str());
+                    return Some((Ok(event), (guard, last, pending, ended)));
+                }
+                if ended {
+                    return None;
+                }
+                let (events, fin) = guard.rec.events_after(last, guard.every);
+                if events.is_empty() {
+                    if fin {
+                        return None;
+                    }
+                    guard.rec.changed(last).await;
+                    continue;
+                }
+                // The final event is the last one a finished job has.
+                ended = fin;
+                pending = events.into_iter();
+            }
+        },
+    );
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+/// Registers a stream's preview interval with its job while it is open.
+struct PreviewGuard {
+    rec: Arc<JobRecord>,
+    every: usize,
+}
+
+impl PreviewGuard {
+    fn new(rec: Arc<JobRecord>, every: usize) -> Self {
+        if every > 0 {
+            rec.watch_previews(every, true);
+        }
+        Self { rec, every }
+    }
+}
+
+impl Drop for PreviewGuard {
+    fn drop(&mut self) {
+        if self.every > 0 {
+            self.rec.watch_previews(self.every, false);
+        }
+    }
+}
