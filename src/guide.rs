@@ -272,4 +272,3 @@ mod tests {
         assert!(matches!(decode(&[], 100), Err(Error::InvalidImage(_))));
     }
 }
-

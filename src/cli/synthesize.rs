@@ -12,13 +12,13 @@ use crate::config::{parse_device, parse_dtype};
 use crate::error::{Error, Result};
 use crate::guide;
 use crate::model_folder::ModelSource;
+use crate::pipeline::generation::{run_to_end, Generated, Generation};
 use crate::pipeline::layout::LayoutModel;
 use crate::pipeline::layout_id::{guide_key, layout_id};
 use crate::pipeline::output::OutputFormat;
 use crate::pipeline::request::limits::DEFAULT_NUM_IMAGES;
 use crate::pipeline::request::{Bounds, GuideInfo, Limits, SynthesisRequest};
 use crate::pipeline::spec::ModelSpecs;
-use crate::pipeline::generation::{run_to_end, Generated, Generation};
 use crate::pipeline::synthesis::{Precision, SynthesisModel};
 
 #[derive(Args)]
@@ -122,7 +122,9 @@ pub fn run(a: SynthesizeArgs) -> Result<()> {
     let model = SynthesisModel::load_spec(&src, specs.synthesis, &device, precision)?;
     let mut gens = [Generation::start(&model, plan, Arc::new(full), latents)?];
     let bar = progress_bar(steps, a.quiet, "denoise");
-    run_to_end(&model, &mut gens, &mut |step, _| bar.set_position(step as u64))?;
+    run_to_end(&model, &mut gens, &mut |step, _| {
+        bar.set_position(step as u64)
+    })?;
     bar.finish_and_clear();
     let [gen] = gens;
     let Generated { images, scores, .. } = gen.finish(&model, scorer.as_ref())?;

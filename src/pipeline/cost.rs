@@ -28,7 +28,8 @@ const TEXT_TOKENS: f64 = 77.0;
 /// attention, GEGLU feed-forward, the in/out projections) over `n`
 /// positions of width `c`.
 fn transformer(n: f64, c: f64, text_dim: f64) -> f64 {
-    let linear = n * c * c * (4.0 + 2.0 + 12.0 + 2.0) + 2.0 * n * TEXT_TOKENS * c
+    let linear = n * c * c * (4.0 + 2.0 + 12.0 + 2.0)
+        + 2.0 * n * TEXT_TOKENS * c
         + 2.0 * TEXT_TOKENS * text_dim * c;
     let attention = 2.0 * n * n * c;
     linear + attention
@@ -65,8 +66,8 @@ fn unet_work(l: &UNetLayout, h: usize, w: usize) -> (f64, f64) {
         }
     }
     let last = l.blocks.last().map_or(0.0, |b| b.out_channels as f64);
-    let mid = 4.0 * conv3(n, last, last)
-        + l.mid_transformer_layers as f64 * transformer(n, last, text);
+    let mid =
+        4.0 * conv3(n, last, last) + l.mid_transformer_layers as f64 * transformer(n, last, text);
     (down + mid, up)
 }
 
@@ -201,7 +202,11 @@ impl CostModel {
         let step_s = self.step.seconds(rows * work.step_row(s.width, s.height));
         let decode_s = self.decode.seconds(work.decode(s.width, s.height));
         let encode_s = self.encode.seconds(work.encode(plan.layout_size));
-        let scores = if plan.score { plan.num_images as f64 } else { 0.0 };
+        let scores = if plan.score {
+            plan.num_images as f64
+        } else {
+            0.0
+        };
         let encodes = if encodes { 1.0 } else { 0.0 };
         Estimate {
             total_s: (encodes + scores) * encode_s

@@ -200,7 +200,9 @@ impl SynthesisModel {
         let control = Tensor::cat(&controls, 0)?;
         let control_scale =
             Tensor::from_vec(scales, (rows, 1, 1, 1), self.device())?.to_dtype(self.dtype())?;
-        let (down, mid) = self.controlnet.forward(&input, &timesteps, &text, &control)?;
+        let (down, mid) = self
+            .controlnet
+            .forward(&input, &timesteps, &text, &control)?;
         let down = down
             .iter()
             .map(|d| d.broadcast_mul(&control_scale))

@@ -124,11 +124,7 @@ pub fn run_to_end(
     gens: &mut [Generation],
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<()> {
-    let steps = gens
-        .iter()
-        .map(|g| g.denoising.steps())
-        .max()
-        .unwrap_or(0);
+    let steps = gens.iter().map(|g| g.denoising.steps()).max().unwrap_or(0);
     loop {
         let mut active: Vec<&mut Denoising> = gens
             .iter_mut()

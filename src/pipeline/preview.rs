@@ -57,9 +57,7 @@ impl LatentRgb {
         }
         let n = rows.first().map_or(0, Vec::len);
         if rows.len() < n * 4 || n == 0 {
-            return Err(Error::Internal(
-                "preview fit: too few latent pixels".into(),
-            ));
+            return Err(Error::Internal("preview fit: too few latent pixels".into()));
         }
         // Normal equations with a small ridge, solved by LU.
         let ata = Mat::<f64>::from_fn(n, n, |i, j| {
@@ -91,7 +89,8 @@ impl LatentRgb {
         for y in 0..h {
             for x in 0..w {
                 let px = self.weights.each_ref().map(|wk| {
-                    let s: f32 = (0..c).map(|k| wk[k] * v[(k * h + y) * w + x]).sum::<f32>() + wk[c];
+                    let s: f32 =
+                        (0..c).map(|k| wk[k] * v[(k * h + y) * w + x]).sum::<f32>() + wk[c];
                     (s.clamp(0.0, 1.0) * 255.0).round() as u8
                 });
                 img.put_pixel(x as u32, y as u32, image::Rgb(px));
@@ -123,10 +122,12 @@ mod tests {
             vec![0.0, 0.3, -0.2, 0.1, 0.4],
             vec![-0.1, 0.0, 0.1, 0.25, 0.6],
         ];
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
         let data: Vec<f32> = (0..c * h * w)
-            .map(|i| ((i * 37 % 101) as f32 / 101.0 - 0.5) * 0.8)
+            .map(|_| rng.random_range(-0.4f32..0.4))
             .collect();
-        let latent = Tensor::from_vec(data.clone(), (1, c, h, w), &Device::Cpu).unwrap();
+        let latent = Tensor::from_vec(data, (1, c, h, w), &Device::Cpu).unwrap();
         let exact = LatentRgb {
             weights: truth.clone(),
         };

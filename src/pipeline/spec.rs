@@ -9,13 +9,13 @@ use image::RgbImage;
 
 use crate::config::LumenSettings;
 use crate::error::{Error, Result};
+use crate::guide::{prepare_pixels, PreparedGuide};
 use crate::model_folder::ModelSource;
 use crate::models::dinov2::Dinov2Config;
 use crate::models::pca::{self, Pca};
 use crate::models::schedulers::{self, SchedulerKind};
 use crate::models::unet_layout::UNetLayout;
 use crate::models::vae::VaeConfig;
-use crate::guide::{prepare_pixels, PreparedGuide};
 
 /// The scheduler config's name inside a model folder.
 pub const SCHEDULER_CONFIG: &str = "scheduler/scheduler_config.json";

@@ -302,8 +302,7 @@ impl Engine {
     /// and the thread goes on.
     fn serve(&mut self, queue: &Queue) {
         loop {
-            let tick =
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.tick(queue)));
+            let tick = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.tick(queue)));
             match tick {
                 Ok(Tick::Exit) => return,
                 Ok(Tick::Busy) => {}
@@ -384,10 +383,7 @@ impl Engine {
                 };
                 let fill_until = since + self.max_wait;
                 let now = Instant::now();
-                if key != BatchKey::Layout
-                    && images < max
-                    && now < fill_until
-                    && !queue.is_closed()
+                if key != BatchKey::Layout && images < max && now < fill_until && !queue.is_closed()
                 {
                     queue.wait(fill_until - now);
                     return None;
@@ -407,8 +403,9 @@ impl Engine {
         }
         let now = Instant::now();
         let kmax = self.specs.layout.max_components;
-        let (layouts, syntheses): (Vec<Job>, Vec<Job>) =
-            jobs.into_iter().partition(|j| matches!(j.work, Work::Layout(_)));
+        let (layouts, syntheses): (Vec<Job>, Vec<Job>) = jobs
+            .into_iter()
+            .partition(|j| matches!(j.work, Work::Layout(_)));
         if !layouts.is_empty() {
             self.run_layouts(layouts, now);
         }

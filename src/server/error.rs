@@ -105,7 +105,9 @@ impl IntoResponse for ApiError {
             self,
             ApiError::NotReady
                 | ApiError::Timeout(_)
-                | ApiError::Lumen(Error::ShuttingDown | Error::Cancelled | Error::DeadlineExceeded { .. })
+                | ApiError::Lumen(
+                    Error::ShuttingDown | Error::Cancelled | Error::DeadlineExceeded { .. }
+                )
         );
         if status.is_server_error() && !expected {
             tracing::error!(code, error = %self, "request failed");

@@ -442,12 +442,17 @@ impl JobStore {
     /// Forget expired jobs, then the oldest finished ones while over the
     /// count or byte bound.
     fn sweep(&self, jobs: &mut HashMap<String, Arc<JobRecord>>) {
+        self.sweep_to(jobs, self.limits.max_jobs);
+    }
+
+    /// [`Self::sweep`] down to at most `max` jobs.
+    fn sweep_to(&self, jobs: &mut HashMap<String, Arc<JobRecord>>, max: usize) {
         let now = Instant::now();
         jobs.retain(|_, r| !r.expired(self.limits.ttl, now));
         let bytes = |jobs: &HashMap<String, Arc<JobRecord>>| -> usize {
             jobs.values().map(|r| r.lock().bytes).sum()
         };
-        while jobs.len() > self.limits.max_jobs || bytes(jobs) > self.limits.max_bytes {
+        while jobs.len() > max || bytes(jobs) > self.limits.max_bytes {
             let oldest = jobs
                 .iter()
                 .filter_map(|(id, r)| r.lock().finished.map(|f| (f, id.clone())))
@@ -464,7 +469,8 @@ impl JobStore {
     /// Keep a new job; refused when the store is full of unfinished jobs.
     pub fn insert(&self, rec: Arc<JobRecord>) -> Result<()> {
         let mut jobs = self.lock();
-        self.sweep(&mut jobs);
+        // Room for one more.
+        self.sweep_to(&mut jobs, self.limits.max_jobs.saturating_sub(1));
         if jobs.len() >= self.limits.max_jobs {
             return Err(Error::Overloaded {
                 capacity: self.limits.max_jobs,

@@ -317,11 +317,7 @@ impl Queue {
     /// synthesis jobs that `fits` accepts given the images taken so far
     /// (`fits(job, images_taken)`). The others keep their places; each
     /// is told its new position.
-    pub fn next_batch(
-        &self,
-        layouts: bool,
-        mut fits: impl FnMut(&Job, usize) -> bool,
-    ) -> Vec<Job> {
+    pub fn next_batch(&self, layouts: bool, mut fits: impl FnMut(&Job, usize) -> bool) -> Vec<Job> {
         let mut jobs = self.lock();
         self.prune(&mut jobs, Instant::now());
         let mut batch = Vec::new();

@@ -5,11 +5,11 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use crate::pipeline::cost::CostModel;
 use crate::pipeline::layout::Layout;
 use crate::pipeline::request::Bounds;
 use crate::pipeline::spec::ModelSpecs;
 use crate::server::error::ApiError;
-use crate::pipeline::cost::CostModel;
 use crate::server::jobs::{JobStore, WebhookAllow};
 use crate::server::queue::Queue;
 

@@ -16,10 +16,10 @@ use super::{Dispatch, Generated, Outcome, Task};
 use crate::error::{Error, Result};
 use crate::guide;
 use crate::model_folder::ModelSource;
+use crate::pipeline::generation::{run_to_end, Generation};
 use crate::pipeline::layout::{Layout, LayoutModel};
 use crate::pipeline::layout_id::{guide_key, layout_id};
 use crate::pipeline::request::{Bounds, GuideInfo, Limits, SynthesisRequest};
-use crate::pipeline::generation::{run_to_end, Generation};
 use crate::pipeline::spec::ModelSpecs;
 use crate::pipeline::synthesis::{Precision, SynthesisModel};
 

@@ -70,7 +70,9 @@ pub async fn layout(State(state): State<Arc<AppState>>, req: Request) -> ApiResu
         GuideLayout::Cached(c) => c,
         GuideLayout::Prepared(guide) => {
             let source_size = guide.source_size;
-            let Output::Layout { layout, .. } = enqueue(&state, Work::Layout(guide), Arc::new(Unwatched)).await? else {
+            let Output::Layout { layout, .. } =
+                enqueue(&state, Work::Layout(guide), Arc::new(Unwatched)).await?
+            else {
                 return Err(Error::Internal("unexpected answer to a layout job".into()).into());
             };
             let c = CachedLayout {

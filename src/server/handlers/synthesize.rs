@@ -15,15 +15,17 @@ use tokio::sync::oneshot;
 use super::{answer, binary, blocking, missing_image, resolve_guide, submit, GuideLayout};
 use crate::error::{Error, Result};
 use crate::pipeline::layout_id;
+use crate::pipeline::output::OutputFormat;
+use crate::pipeline::request::SynthesisParameters;
 use crate::pipeline::request::{GuideInfo, SynthesisRequest};
 use crate::server::api::{ErrorBody, ImageOut, SynthesizeResponse, Timings};
 use crate::server::body::{b64, cached_field_types, FieldType, Fields};
 use crate::server::error::{ApiError, ApiResult};
 use crate::server::metrics;
 use crate::server::negotiate::ImageAccept;
-use crate::pipeline::output::OutputFormat;
-use crate::pipeline::request::SynthesisParameters;
-use crate::server::queue::{JobTimings, JobWatch, LayoutInput, Output, SynthesisWork, Unwatched, Work};
+use crate::server::queue::{
+    JobTimings, JobWatch, LayoutInput, Output, SynthesisWork, Unwatched, Work,
+};
 use crate::server::state::{AppState, CachedLayout, Ready};
 
 static TYPES: OnceLock<HashMap<String, FieldType>> = OnceLock::new();
