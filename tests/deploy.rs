@@ -209,7 +209,10 @@ fn haproxy_config_matches_the_service() {
     let delay = number_after(&compose, "LUMEN_SHUTDOWN_DELAY_S");
     assert!(delay * 1000 > 500, "LUMEN_SHUTDOWN_DELAY_S {delay} s");
     let help = ok(&["serve", "--help"]);
-    let header_timeout = number_after(&help, "LUMEN_HEADER_TIMEOUT_S=] [default");
+    let at = help
+        .find("LUMEN_HEADER_TIMEOUT_S=]")
+        .expect("the header timeout's env");
+    let header_timeout = number_after(&help[at..], "[default");
     assert!(haproxy_timeout(&cfg, "http-request") <= header_timeout);
 }
 
