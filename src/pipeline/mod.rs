@@ -9,6 +9,7 @@ pub mod generation;
 pub mod layout;
 pub mod layout_id;
 pub mod output;
+pub mod parameters;
 pub mod preview;
 pub mod request;
 pub mod score;

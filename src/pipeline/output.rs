@@ -5,7 +5,7 @@ use image::RgbImage;
 
 use crate::error::{Error, Result};
 use crate::pipeline::layout::Layout;
-use crate::pipeline::request::SynthesisParameters;
+use crate::pipeline::parameters::SynthesisParameters;
 use crate::png_text;
 
 /// The image format of generated images.

@@ -9,7 +9,6 @@
 //! is not allowed.
 
 pub mod limits;
-mod parameters;
 
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -21,8 +20,8 @@ use crate::pipeline::layout::Layout;
 use crate::pipeline::output::OutputFormat;
 use crate::pipeline::synthesis::{SynthesisItem, SynthesisSettings};
 
+pub use crate::pipeline::parameters::SynthesisParameters;
 pub use limits::{rules, Bounds, FieldRule, LayoutBounds, Limits, DEFAULT_LIMITS};
-pub use parameters::SynthesisParameters;
 
 use limits::{DEFAULT_CONTROL_SCALE, DEFAULT_NUM_IMAGES, MAX_ABS_SCALE};
 
