@@ -133,26 +133,16 @@ impl Pca {
         &self.explained_variance
     }
 
-    /// Check a requested K against this basis.
-    pub fn check_components(&self, k: usize) -> Result<()> {
-        check_components(k, self.max_components())
-    }
-
     /// Project tokens `[N, D]` onto the top `k` whitened components: `[N, k]`.
     pub fn project(&self, tokens: &Tensor, k: usize) -> Result<Tensor> {
-        self.check_components(k)?;
+        let kmax = self.max_components();
+        if k == 0 || k > kmax {
+            // Requests are checked against Kmax before they get here.
+            return Err(Error::Internal(format!(
+                "projection onto {k} components of a basis of {kmax}"
+            )));
+        }
         let centered = tokens.to_dtype(DType::F32)?.broadcast_sub(&self.mean)?;
         Ok(centered.matmul(&self.whitened.narrow(0, 0, k)?.t()?)?)
     }
-}
-
-/// A requested K must be within 1..=Kmax of the basis.
-pub fn check_components(k: usize, kmax: usize) -> Result<()> {
-    if k == 0 || k > kmax {
-        return Err(Error::param(
-            "components",
-            format!("{k} is out of range: this model's PCA basis has 1 to {kmax} components"),
-        ));
-    }
-    Ok(())
 }

@@ -90,9 +90,6 @@ impl LayoutModel {
         guides: &[(&PreparedGuide, usize)],
         max_batch: usize,
     ) -> Result<Vec<Layout>> {
-        for (_, k) in guides {
-            self.pca.check_components(*k)?;
-        }
         let refs: Vec<&PreparedGuide> = guides.iter().map(|(g, _)| *g).collect();
         let tokens = encode_guides(&self.encoder, &refs, max_batch)?;
         tokens

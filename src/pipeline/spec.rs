@@ -69,11 +69,6 @@ impl LayoutSpec {
             layout_size.unwrap_or(self.settings.layout_size),
         )
     }
-
-    /// `k` must be within 1..=Kmax.
-    pub fn check_components(&self, k: usize) -> Result<()> {
-        pca::check_components(k, self.max_components)
-    }
 }
 
 /// The diffusion half's sizes and scheduler config.

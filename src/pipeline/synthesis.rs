@@ -225,7 +225,13 @@ impl SynthesisModel {
                     return Err(Error::param(name, format!("{v} is not a finite number")));
                 }
             }
-            crate::models::pca::check_components(item.layout.components, self.spec.max_components)?;
+            if item.layout.components > self.spec.max_components {
+                // Requests are checked against Kmax before they get here.
+                return Err(Error::Internal(format!(
+                    "a layout of {} components for {} conditioning channels",
+                    item.layout.components, self.spec.max_components
+                )));
+            }
             if let Some(l) = &item.latents {
                 let want = self.spec.latent_shape(s.width, s.height);
                 if l.dims() != want {

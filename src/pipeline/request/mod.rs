@@ -14,7 +14,6 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::error::{Error, Result};
-use crate::models::pca::check_components;
 use crate::models::schedulers::SchedulerKind;
 use crate::pipeline::layout::Layout;
 use crate::pipeline::output::OutputFormat;
@@ -121,6 +120,18 @@ pub struct SynthesisPlan {
     pub format: OutputFormat,
     /// Score each image against its guide's layout.
     pub score: bool,
+}
+
+/// K within 1..=Kmax of the model's basis: the one check of a requested K
+/// (the CLI's, the API's and the jobs' requests all resolve here).
+pub fn check_components(k: usize, kmax: usize) -> Result<()> {
+    if k == 0 || k > kmax {
+        return Err(Error::param(
+            "components",
+            format!("{k} is out of range: this model's PCA basis has 1 to {kmax} components"),
+        ));
+    }
+    Ok(())
 }
 
 /// `v` within `min..=max`.
