@@ -346,6 +346,21 @@ async fn too_costly_requests_are_refused_up_front_naming_the_fields() {
             "lumen_admission_refused_total{reason=\"over_time_budget\"}"
         ) >= 2.0
     );
+    // The encoder alone can be too costly too.
+    let (code, v) = srv
+        .post(
+            "/layout",
+            &json!({"image": b64(&guide_bytes()), "layout_size": 2047}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("lower layout_size"));
+    // The served document offers no callback_url when no host is allowed.
+    let (_, doc) = srv.get("/openapi.json").await;
+    assert!(doc["components"]["schemas"]["SynthesizeJson"]["properties"]["callback_url"].is_null());
     // What fits is served.
     let (code, _) = srv.post("/synthesize", &guide_body(json!({}))).await;
     assert_eq!(code, StatusCode::OK);

@@ -257,6 +257,32 @@ impl CostModel {
     }
 }
 
+impl CostModel {
+    /// Refuse a guide whose encoder pass at `layout_size` would take longer
+    /// than `budget_s` (a layout alone, or a synthesis' guide).
+    pub fn admit_layout(
+        &self,
+        specs: &ModelSpecs,
+        layout_size: u32,
+        budget_s: f64,
+        device: &str,
+    ) -> Result<f64> {
+        let s = self.encode.seconds(Work::new(specs).encode(layout_size));
+        if s <= budget_s {
+            return Ok(s);
+        }
+        Err(Error::OverBudget {
+            estimate_s: s,
+            budget_s,
+            message: format!(
+                "the estimate is {s:.1} s on this device ({device}) for the encoder at \
+                 layout_size {layout_size}, but requests must finish within {budget_s:.0} s: \
+                 lower layout_size"
+            ),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

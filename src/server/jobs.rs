@@ -515,6 +515,35 @@ impl WebhookAllow {
         Ok(Self(out))
     }
 
+    /// A regular expression for the URLs [`Self::check`] accepts (for the
+    /// served document), `None` when no host is allowed.
+    pub fn pattern(&self) -> Option<String> {
+        if self.0.is_empty() {
+            return None;
+        }
+        let hosts: Vec<String> = self
+            .0
+            .iter()
+            .map(|(h, p)| {
+                let h: String = h
+                    .chars()
+                    .flat_map(|c| {
+                        if c.is_ascii_alphanumeric() || c == '-' {
+                            vec![c]
+                        } else {
+                            vec!['\\', c]
+                        }
+                    })
+                    .collect();
+                match p {
+                    Some(p) => format!("{h}:{p}"),
+                    None => h,
+                }
+            })
+            .collect();
+        Some(format!("^https?://({})([/?#].*)?$", hosts.join("|")))
+    }
+
     /// A `callback_url` the server may POST to, or why not.
     pub fn check(&self, raw: &str) -> Result<url::Url> {
         let field = "callback_url";
@@ -576,6 +605,11 @@ mod tests {
         let allow =
             WebhookAllow::parse(&["hooks.example.com".into(), "127.0.0.1:8099".into()]).unwrap();
         assert!(allow.check("https://hooks.example.com/lumen").is_ok());
+        assert_eq!(none.pattern(), None);
+        assert_eq!(
+            allow.pattern().unwrap(),
+            r"^https?://(hooks\.example\.com|127\.0\.0\.1:8099)([/?#].*)?$"
+        );
         assert!(allow.check("http://127.0.0.1:8099/done").is_ok());
         for bad in [
             "http://127.0.0.1:8100/done",

@@ -145,8 +145,11 @@ impl Service {
                 let specs = engine.specs;
                 match Bounds::new(&specs, limits) {
                     Ok(bounds) => {
-                        let openapi =
-                            openapi::to_pretty(&openapi::document(&limits, Some(&bounds)));
+                        let openapi = openapi::to_pretty(&openapi::document_with(
+                            &limits,
+                            Some(&bounds),
+                            Some(&state.webhook_allow),
+                        ));
                         let _ = state.ready.set(Arc::new(Ready {
                             specs,
                             bounds,

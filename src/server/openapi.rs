@@ -83,6 +83,17 @@ pub const GUIDE_MEDIA_TYPES: [&str; 3] = ["image/png", "image/jpeg", "image/webp
 
 /// The document for `limits` and, when a model is loaded, its bounds.
 pub fn document(limits: &Limits, bounds: Option<&Bounds>) -> Value {
+    document_with(limits, bounds, None)
+}
+
+/// [`document`] for a deployment whose `--webhook-allow` gives `callbacks`:
+/// `callback_url` is then limited to those hosts (a pattern), or absent when
+/// none is allowed, so a schema-valid body is one the server accepts.
+pub fn document_with(
+    limits: &Limits,
+    bounds: Option<&Bounds>,
+    callbacks: Option<&crate::server::jobs::WebhookAllow>,
+) -> Value {
     let mut doc = serde_json::to_value(ApiDoc::openapi()).unwrap_or_default();
     doc["info"]["version"] = json!(env!("CARGO_PKG_VERSION"));
     if let Some(b) = bounds {
@@ -99,6 +110,16 @@ pub fn document(limits: &Limits, bounds: Option<&Bounds>) -> Value {
         ("SynthesizeForm", &synthesis, false, true),
     ] {
         schemas[name] = request_body(base, json, synth, &rules);
+        if let (true, Some(allow)) = (synth, callbacks) {
+            match allow.pattern() {
+                Some(p) => schemas[name]["properties"]["callback_url"]["pattern"] = json!(p),
+                None => {
+                    if let Some(props) = schemas[name]["properties"].as_object_mut() {
+                        props.remove("callback_url");
+                    }
+                }
+            }
+        }
     }
     for (path, json_name, form_name) in [
         ("/layout", "LayoutJson", "LayoutForm"),

@@ -49,7 +49,7 @@ static TYPES: OnceLock<HashMap<String, FieldType>> = OnceLock::new();
         (status = 408, description = "The body did not arrive within the body timeout", body = ErrorBody),
         (status = 413, description = "Body over the limit", body = ErrorBody),
         (status = 415, description = "Body neither JSON nor multipart", body = ErrorBody),
-        (status = 422, description = "Image cannot be decoded or is over the pixel limit", body = ErrorBody),
+        (status = 422, description = "Image cannot be decoded or is over the pixel limit; or the encoder at this layout_size would not finish within the request timeout (over_time_budget)", body = ErrorBody),
         (status = 429, description = "Queue full (see Retry-After)", body = ErrorBody),
         (status = 503, description = "Not ready, timed out or shutting down", body = ErrorBody),
     ),
@@ -64,6 +64,15 @@ pub async fn layout(State(state): State<Arc<AppState>>, req: Request) -> ApiResu
     let image = fields.take_image()?;
     let request: LayoutRequest = fields.parse()?;
     let (k, layout_size) = request.resolve(&ready.bounds.layout)?;
+    ready
+        .costs
+        .admit_layout(
+            &ready.specs,
+            layout_size,
+            state.request_timeout.as_secs_f64(),
+            &ready.device,
+        )
+        .inspect_err(|_| crate::server::metrics::refused("over_time_budget"))?;
     let image = image.ok_or_else(|| missing_image(""))?;
     let (key, guide) = resolve_guide(&state, &ready, image, layout_size).await?;
     let cached = match guide {

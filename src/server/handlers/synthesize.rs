@@ -57,9 +57,9 @@ static TYPES: OnceLock<HashMap<String, FieldType>> = OnceLock::new();
         (status = 408, description = "The body did not arrive within the body timeout", body = ErrorBody),
         (status = 413, description = "Body over the limit", body = ErrorBody),
         (status = 415, description = "Body neither JSON nor multipart", body = ErrorBody),
-        (status = 422, description = "Image cannot be decoded or is over the pixel limit", body = ErrorBody),
+        (status = 422, description = "Image cannot be decoded or is over the pixel limit; or the request would not finish within the request timeout (over_time_budget: the message names the fields to lower and the estimate)", body = ErrorBody),
         (status = 429, description = "Queue full (see Retry-After)", body = ErrorBody),
-        (status = 503, description = "Not ready, timed out or shutting down", body = ErrorBody),
+        (status = 503, description = "Not ready, timed out (stopped at its deadline), cancelled or shutting down", body = ErrorBody),
     ),
     security((), ("bearer" = []), ("api_key" = []))
 )]
