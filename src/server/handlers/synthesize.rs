@@ -42,7 +42,9 @@ static TYPES: OnceLock<HashMap<String, FieldType>> = OnceLock::new();
             (SynthesisRequest = "multipart/form-data"),
         )
     ),
+    params(("prefer" = Option<String>, Header, description = "`respond-async` (RFC 7240): answer 202 at once with a job, as POST /jobs does")),
     responses(
+        (status = 202, description = "With `Prefer: respond-async`: queued as a job (`Preference-Applied: respond-async`; follow `Location`)", body = crate::server::jobs::JobAccepted),
         (status = 200, description = "The images (seeds seed, seed+1, …). JSON by default; with `Accept: image/png` (or image/jpeg, image/webp) and one image, the raw image (seed in `x-lumen-seed`, with `score: true` the score in `x-lumen-score`). PNGs carry their parameters in an iTXt chunk `parameters`.",
             content(
                 (SynthesizeResponse = "application/json"),
