@@ -33,7 +33,9 @@ fi
 LOG="$OUT/server.log"
 if [ "${LIMITS:-small}" = default ]; then
     LIMIT_FLAGS=()
+    # A valid request may take up to the request timeout: that is not a time-out.
     ST_TIMEOUT=330
+    ST_ARGS="--max-response-time 330 ${ST_ARGS:-}"
 else
     LIMIT_FLAGS=(--max-steps 4 --max-side 64 --max-images 2 --max-layout-size 256
         --max-queue 64 --request-timeout-s 120)

@@ -143,6 +143,32 @@ impl Service {
                     }
                 };
                 let specs = engine.specs;
+                // The largest layout_size whose encoder pass fits the request
+                // timeout on this device becomes the limit (and the served
+                // document's maximum), so that a valid value is one served.
+                let mut limits = limits;
+                let fits = |s: u32| {
+                    engine
+                        .costs
+                        .admit_layout(&specs, s, request_timeout.as_secs_f64(), &device)
+                        .is_ok()
+                };
+                if !fits(limits.max_layout_size) {
+                    let (mut lo, mut hi) = (specs.layout.patch_size as u32, limits.max_layout_size);
+                    while lo + 1 < hi {
+                        let mid = lo + (hi - lo) / 2;
+                        if fits(mid) {
+                            lo = mid;
+                        } else {
+                            hi = mid;
+                        }
+                    }
+                    tracing::info!(
+                        max_layout_size = lo,
+                        "layout sizes above this would not finish within the request timeout"
+                    );
+                    limits.max_layout_size = lo;
+                }
                 match Bounds::new(&specs, limits) {
                     Ok(bounds) => {
                         let openapi = openapi::to_pretty(&openapi::document_with(

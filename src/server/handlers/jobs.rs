@@ -7,18 +7,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Path, Query, Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::Json;
 use futures_util::stream::{self, Stream};
 use serde::Deserialize;
 
 use super::synthesize::Submission;
 use crate::error::Error;
-use crate::server::api::{ErrorBody, ErrorDetail};
+use crate::server::api::ErrorBody;
 use crate::server::error::{ApiError, ApiResult};
-use crate::server::jobs::{send_callback, JobAccepted, JobRecord, JobStatus};
+use crate::server::jobs::{JobAccepted, JobRecord, JobStatus};
 use crate::server::state::AppState;
 
 /// Start an asynchronous synthesis: the `/synthesize` body (JSON or
@@ -50,56 +50,7 @@ use crate::server::state::AppState;
 )]
 pub async fn create(State(state): State<Arc<AppState>>, req: Request) -> ApiResult<Response> {
     let sub = Submission::read(&state, req, true).await?;
-    spawn(state, sub)
-}
-
-/// Queue `sub` as a job (429 when full), run it in the background, and
-/// answer 202 with its id and links.
-pub(crate) fn spawn(state: Arc<AppState>, sub: Submission) -> ApiResult<Response> {
-    let rec = JobRecord::new(sub.callback_url.clone());
-    rec.planned(sub.steps, sub.estimate_s);
-    state.jobs.insert(rec.clone())?;
-    let (rx, pending) = match sub.queue(&state, rec.clone()) {
-        Ok(x) => x,
-        Err(e) => {
-            rec.finish(Err(detail(&e)));
-            return Err(e);
-        }
-    };
-    let status = rec.status();
-    {
-        let rec = rec.clone();
-        let state = state.clone();
-        tokio::spawn(async move {
-            let outcome = match pending.finish(&state, rx).await {
-                Ok(answer) => serde_json::to_value(answer.json())
-                    .map_err(|e| detail(&Error::Internal(e.to_string()).into())),
-                Err(e) => Err(detail(&e)),
-            };
-            rec.finish(outcome);
-            tracing::info!(job = %rec.id, status = rec.state().name(), "job finished");
-            send_callback(&rec);
-        });
-    }
-    let body = JobAccepted {
-        id: status.id.clone(),
-        status: status.status,
-        queue_position: status.queue_position,
-        links: status.links.clone(),
-    };
-    let mut res = (StatusCode::ACCEPTED, Json(body)).into_response();
-    if let Ok(v) = HeaderValue::from_str(&status.links.this) {
-        res.headers_mut().insert(header::LOCATION, v);
-    }
-    Ok(res)
-}
-
-fn detail(e: &ApiError) -> ErrorDetail {
-    let (_, code) = e.status_and_code();
-    ErrorDetail {
-        code: code.to_string(),
-        message: e.to_string(),
-    }
+    sub.spawn(state)
 }
 
 fn find(state: &AppState, id: &str) -> ApiResult<Arc<JobRecord>> {

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
@@ -18,9 +19,11 @@ use crate::pipeline::layout_id;
 use crate::pipeline::output::OutputFormat;
 use crate::pipeline::request::SynthesisParameters;
 use crate::pipeline::request::{GuideInfo, SynthesisRequest};
+use crate::server::api::ErrorDetail;
 use crate::server::api::{ErrorBody, ImageOut, SynthesizeResponse, Timings};
 use crate::server::body::{b64, cached_field_types, FieldType, Fields};
 use crate::server::error::{ApiError, ApiResult};
+use crate::server::jobs::{send_callback, JobAccepted, JobRecord};
 use crate::server::metrics;
 use crate::server::negotiate::ImageAccept;
 use crate::server::queue::{
@@ -68,7 +71,7 @@ static TYPES: OnceLock<HashMap<String, FieldType>> = OnceLock::new();
 pub async fn synthesize(State(state): State<Arc<AppState>>, req: Request) -> ApiResult<Response> {
     if prefers_async(req.headers()) {
         let sub = Submission::read(&state, req, true).await?;
-        let mut res = super::jobs::spawn(state, sub)?;
+        let mut res = sub.spawn(state)?;
         res.headers_mut().insert(
             "preference-applied",
             axum::http::HeaderValue::from_static("respond-async"),
@@ -198,6 +201,12 @@ impl Submission {
             estimate_s: estimate.total_s,
             start,
         })
+    }
+
+    /// Queue it as an asynchronous job (429 when full), run it in the
+    /// background, and answer 202 with its id and links.
+    pub(crate) fn spawn(self, state: Arc<AppState>) -> ApiResult<Response> {
+        spawn_job(state, self)
     }
 
     /// Queue it, wait for the images, encode them.
@@ -340,6 +349,54 @@ impl Answer {
             return Ok(res);
         }
         Ok(Json(self.json()).into_response())
+    }
+}
+
+/// [`Submission::spawn`].
+fn spawn_job(state: Arc<AppState>, sub: Submission) -> ApiResult<Response> {
+    let rec = JobRecord::new(sub.callback_url.clone());
+    rec.planned(sub.steps, sub.estimate_s);
+    state.jobs.insert(rec.clone())?;
+    let (rx, pending) = match sub.queue(&state, rec.clone()) {
+        Ok(x) => x,
+        Err(e) => {
+            rec.finish(Err(detail(&e)));
+            return Err(e);
+        }
+    };
+    let status = rec.status();
+    {
+        let rec = rec.clone();
+        let state = state.clone();
+        tokio::spawn(async move {
+            let outcome = match pending.finish(&state, rx).await {
+                Ok(answer) => serde_json::to_value(answer.json())
+                    .map_err(|e| detail(&Error::Internal(e.to_string()).into())),
+                Err(e) => Err(detail(&e)),
+            };
+            rec.finish(outcome);
+            tracing::info!(job = %rec.id, status = rec.state().name(), "job finished");
+            send_callback(&rec);
+        });
+    }
+    let body = JobAccepted {
+        id: status.id.clone(),
+        status: status.status,
+        queue_position: status.queue_position,
+        links: status.links.clone(),
+    };
+    let mut res = (StatusCode::ACCEPTED, Json(body)).into_response();
+    if let Ok(v) = HeaderValue::from_str(&status.links.this) {
+        res.headers_mut().insert(header::LOCATION, v);
+    }
+    Ok(res)
+}
+
+fn detail(e: &ApiError) -> ErrorDetail {
+    let (_, code) = e.status_and_code();
+    ErrorDetail {
+        code: code.to_string(),
+        message: e.to_string(),
     }
 }
 
