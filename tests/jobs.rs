@@ -73,6 +73,15 @@ impl Server {
         (status, r.json().await.unwrap_or(Value::Null))
     }
 
+    /// A job's whole event stream (it ends with the job), resumed after `last`.
+    async fn events(&self, query: &str, last: Option<u64>) -> String {
+        let mut req = self.client.get(self.url(query));
+        if let Some(l) = last {
+            req = req.header("last-event-id", l.to_string());
+        }
+        req.send().await.unwrap().text().await.unwrap()
+    }
+
     async fn metrics(&self) -> String {
         let r = self.client.get(self.url("/metrics")).send().await.unwrap();
         r.text().await.unwrap()
@@ -142,14 +151,8 @@ async fn a_job_runs_end_to_end_with_events_previews_and_the_synchronous_answer()
 
     // The whole stream (it ends with the job), previews every step.
     let text = srv
-        .client
-        .get(srv.url(&format!("/jobs/{id}/events?preview=1")))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+        .events(&format!("/jobs/{id}/events?preview=1"), None)
+        .await;
     let events = parse_sse(&text);
     let names: Vec<&str> = events.iter().map(|e| e.1.as_str()).collect();
     assert_eq!(names.last(), Some(&"succeeded"), "{names:?}");
@@ -177,27 +180,11 @@ async fn a_job_runs_end_to_end_with_events_previews_and_the_synchronous_answer()
 
     // Resuming after the last event gives nothing more; after the first, the rest.
     let last = *ids.last().unwrap();
-    let again = srv
-        .client
-        .get(srv.url(&format!("/jobs/{id}/events")))
-        .header("last-event-id", last.to_string())
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let again = srv.events(&format!("/jobs/{id}/events"), Some(last)).await;
     assert!(parse_sse(&again).is_empty(), "{again}");
     let resumed = srv
-        .client
-        .get(srv.url(&format!("/jobs/{id}/events")))
-        .header("last-event-id", ids[0].to_string())
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+        .events(&format!("/jobs/{id}/events"), Some(ids[0]))
+        .await;
     let r_ids: Vec<u64> = parse_sse(&resumed).iter().map(|e| e.0).collect();
     assert!(r_ids.iter().all(|&i| i > ids[0]) && r_ids.contains(&last));
 

@@ -559,7 +559,6 @@ impl Engine {
             .collect();
         let images: usize = picked.iter().map(|&i| self.active[i].images()).sum();
         let t = Instant::now();
-        let now = Instant::now();
         let result = {
             let mut batch: Vec<&mut Denoising> = self
                 .active
@@ -567,7 +566,7 @@ impl Engine {
                 .enumerate()
                 .filter(|(i, _)| picked.contains(i))
                 .map(|(_, a)| {
-                    a.started.get_or_insert(now);
+                    a.started.get_or_insert(t);
                     a.gen.denoising_mut()
                 })
                 .collect();

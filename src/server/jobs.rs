@@ -319,13 +319,17 @@ impl JobRecord {
         (events, i.status.is_final())
     }
 
+    /// The id of the newest event (0: none yet).
+    pub fn last_event_id(&self) -> u64 {
+        self.lock().events.last().map_or(0, |e| e.id)
+    }
+
     /// Wait for the next change (an event, the end).
     pub async fn changed(&self, last: u64) {
         let notified = self.changed.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        let newer = self.lock().events.last().is_some_and(|e| e.id > last);
-        if !newer {
+        if self.last_event_id() <= last {
             notified.await;
         }
     }
@@ -449,20 +453,16 @@ impl JobStore {
     fn sweep_to(&self, jobs: &mut HashMap<String, Arc<JobRecord>>, max: usize) {
         let now = Instant::now();
         jobs.retain(|_, r| !r.expired(self.limits.ttl, now));
-        let bytes = |jobs: &HashMap<String, Arc<JobRecord>>| -> usize {
-            jobs.values().map(|r| r.lock().bytes).sum()
-        };
-        while jobs.len() > max || bytes(jobs) > self.limits.max_bytes {
+        let mut bytes: usize = jobs.values().map(|r| r.lock().bytes).sum();
+        while jobs.len() > max || bytes > self.limits.max_bytes {
             let oldest = jobs
                 .iter()
                 .filter_map(|(id, r)| r.lock().finished.map(|f| (f, id.clone())))
                 .min();
-            match oldest {
-                Some((_, id)) => {
-                    jobs.remove(&id);
-                }
-                None => break,
-            }
+            let Some(r) = oldest.and_then(|(_, id)| jobs.remove(&id)) else {
+                break;
+            };
+            bytes -= r.lock().bytes;
         }
     }
 

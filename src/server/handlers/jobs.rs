@@ -105,7 +105,7 @@ pub async fn cancel(
             let mut last = 0;
             while !rec.state().is_final() {
                 rec.changed(last).await;
-                last = rec.events_after(0, 0).0.last().map_or(last, |e| e.id);
+                last = rec.last_event_id();
             }
         };
         let _ = tokio::time::timeout(Duration::from_secs(10), wait).await;
