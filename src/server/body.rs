@@ -277,12 +277,14 @@ fn typed_part(name: &str, text: String, kind: Option<FieldType>) -> Result<Value
                 Error::request(name, format!("`{text}` is not {what}"))
             })
         }
-        Some(FieldType::Boolean) => match text.trim() {
-            "true" => Ok(Value::Bool(true)),
-            "false" => Ok(Value::Bool(false)),
+        // Clients spell a form boolean differently (`True` from Python's
+        // `str`, `1` from HTML forms and curl scripts): any case, or 1/0.
+        Some(FieldType::Boolean) => match text.trim().to_ascii_lowercase().as_str() {
+            "true" | "1" => Ok(Value::Bool(true)),
+            "false" | "0" => Ok(Value::Bool(false)),
             _ => Err(Error::request(
                 name,
-                format!("`{text}` is not a boolean (true or false)"),
+                format!("`{text}` is not a boolean (true or false, in any case, or 1 or 0)"),
             )),
         },
         _ => Ok(Value::String(text)),
@@ -358,9 +360,14 @@ mod tests {
         assert_eq!(t("steps", "15.0").unwrap(), serde_json::json!(15));
         assert_eq!(t("score", "true").unwrap(), serde_json::json!(true));
         assert_eq!(t("score", " false").unwrap(), serde_json::json!(false));
+        for (text, want) in [("True", true), ("FALSE", false), ("1", true), ("0", false)] {
+            assert_eq!(t("score", text).unwrap(), serde_json::json!(want), "{text}");
+        }
+        for bad in ["yes", "2", "", "truee"] {
+            assert!(t("score", bad).is_err(), "{bad}");
+        }
         for (name, text) in [
             ("score", "yes"),
-            ("score", "1"),
             ("steps", "null"),
             ("steps", "1.5"),
             ("steps", ""),

@@ -25,7 +25,7 @@ use crate::server::body::{b64, cached_field_types, FieldType, Fields};
 use crate::server::error::{ApiError, ApiResult};
 use crate::server::jobs::{send_callback, JobAccepted, JobRecord};
 use crate::server::metrics;
-use crate::server::negotiate::ImageAccept;
+use crate::server::negotiate::{Accept, ImageAccept};
 use crate::server::queue::{
     JobTimings, JobWatch, LayoutInput, Output, SynthesisWork, Unwatched, Work,
 };
@@ -140,11 +140,7 @@ impl Submission {
     pub(crate) async fn read(state: &Arc<AppState>, req: Request, is_job: bool) -> ApiResult<Self> {
         let start = Instant::now();
         let ready = state.ready()?;
-        let accept = if is_job {
-            ImageAccept::Json
-        } else {
-            ImageAccept::parse(req.headers())?
-        };
+        let prefs = Accept::parse(req.headers());
         let types = cached_field_types::<SynthesisRequest>(&TYPES);
         let mut fields = Fields::read(state, req, types).await?;
         let image = fields.take_image()?;
@@ -162,12 +158,22 @@ impl Submission {
             .map(|c| state.webhook_allow.check(&c))
             .transpose()?;
         let mut request: SynthesisRequest = fields.parse()?;
+        // Every parameter is checked before the guide is decoded.
+        request.validate(&ready.bounds)?;
+        let accept = if is_job {
+            // An asynchronous job's answer is its JSON status.
+            ImageAccept::Json
+        } else {
+            let named = request
+                .format
+                .is_some()
+                .then(|| request.format())
+                .transpose()?;
+            ImageAccept::negotiate(&prefs, request.num_images(), named)?
+        };
         if request.format.is_none() {
             request.format = Some(accept.default_format().name().into());
         }
-        // Every parameter is checked before the guide is decoded.
-        request.validate(&ready.bounds)?;
-        accept.check(request.num_images(), request.format()?)?;
 
         let guide = Guide::resolve(state, &ready, &request, image, layout_id).await?;
         let plan = request.resolve(&ready.bounds, &guide.info)?;
