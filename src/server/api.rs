@@ -28,7 +28,7 @@ pub struct ImageOut {
     /// The encoded image (see `parameters.format`), base64.
     pub data: String,
     /// Fidelity score (only with `score: true`): the Pearson correlation of
-    /// the guide's and this image's first-K layouts.
+    /// the guide's and this image's layouts over all Kmax components.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false)]
     pub score: Option<f32>,
@@ -71,7 +71,8 @@ pub struct ErrorBody {
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct ErrorDetail {
     /// Stable code: invalid_parameter, invalid_request, invalid_image,
-    /// image_too_large, unauthorized, unknown_layout, not_found,
+    /// image_too_large, unauthorized, unknown_layout, unknown_job,
+    /// unknown_image, job_not_succeeded, not_found,
     /// method_not_allowed, payload_too_large, unsupported_media_type,
     /// not_acceptable, overloaded, over_time_budget, timeout, cancelled,
     /// not_ready, shutting_down, internal.

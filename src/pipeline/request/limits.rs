@@ -19,6 +19,10 @@ pub const DEFAULT_GUIDANCE_SCALE: f64 = 7.5;
 pub const DEFAULT_CONTROL_SCALE: f64 = 1.0;
 /// Images per request when a request names none.
 pub const DEFAULT_NUM_IMAGES: usize = 1;
+/// The largest seed: 2^53 - 1, JavaScript's largest exact integer, so that
+/// every client (a browser among them) keeps seeds exact. Image i's seed,
+/// seed + i, wraps within it.
+pub const MAX_SEED: u64 = (1 << 53) - 1;
 /// Longer side of the output when a request gives neither width nor height.
 pub const DEFAULT_LONG_SIDE: u32 = 512;
 /// Guidance and control scales lie within ±this (one bound with `lumen.json`'s).
@@ -191,6 +195,10 @@ pub struct FieldRule {
     /// The only values allowed (strings).
     pub choices: Option<Vec<&'static str>>,
     pub default: Option<Value>,
+    /// The loaded model's default where a literal `default` would be wrong
+    /// for some requests (K: a layout_id brings its own); documented as
+    /// `x-lumen-default`, which clients show but do not send.
+    pub model_default: Option<Value>,
 }
 
 impl FieldRule {
@@ -202,6 +210,7 @@ impl FieldRule {
             multiple_of: None,
             choices: None,
             default: None,
+            model_default: None,
         }
     }
 
@@ -225,7 +234,11 @@ pub fn rules(limits: &Limits, bounds: Option<&Bounds>) -> Vec<FieldRule> {
     let m = bounds.map(|b| b.size_multiple);
     let max_side = bounds.map_or(limits.max_side, |b| b.max_side);
     let min_layout = bounds.map_or(1, |b| b.layout.min_layout_size);
-    let scale = FieldRule::new("guidance_scale").range(-MAX_ABS_SCALE, MAX_ABS_SCALE);
+    // Defaults that depend on the model (lumen.json) are stated only with one.
+    let mut scale = FieldRule::new("guidance_scale").range(-MAX_ABS_SCALE, MAX_ABS_SCALE);
+    scale.default = bounds.map(|b| json!(b.default_guidance_scale));
+    let mut steps = FieldRule::new("steps").range(1.0, max_steps as f64);
+    steps.default = bounds.map(|b| json!(b.default_steps));
     let side = |name| {
         let mut r = FieldRule::new(name).range(m.unwrap_or(1) as f64, max_side as f64);
         r.multiple_of = m.map(u64::from);
@@ -235,9 +248,14 @@ pub fn rules(limits: &Limits, bounds: Option<&Bounds>) -> Vec<FieldRule> {
     let mut components = FieldRule::new("components");
     components.minimum = Some(1.0);
     components.maximum = bounds.map(|b| b.layout.max_components as f64);
+    // Not a `default`: with a layout_id the default is that id's K, and a
+    // client that sent a literal default would override it.
+    components.model_default = bounds.map(|b| json!(b.layout.default_components));
     let mut layout_size =
         FieldRule::new("layout_size").range(min_layout as f64, limits.max_layout_size as f64);
-    layout_size.default = bounds.map(|b| json!(b.layout.default_layout_size));
+    // Not a `default` either: it applies only with a guide image, and a
+    // client that sent it with a layout_id would be refused.
+    layout_size.model_default = bounds.map(|b| json!(b.layout.default_layout_size));
     let mut scheduler = FieldRule::new("scheduler");
     scheduler.choices = Some(SchedulerKind::ALL.iter().map(|k| k.name()).collect());
     scheduler.default = bounds.map(|b| json!(b.default_scheduler.name()));
@@ -248,14 +266,8 @@ pub fn rules(limits: &Limits, bounds: Option<&Bounds>) -> Vec<FieldRule> {
         FieldRule::new("negative_prompt").default(json!("")),
         components,
         layout_size,
-        FieldRule::new("steps")
-            .range(1.0, max_steps as f64)
-            .default(json!(
-                bounds.map_or(DEFAULT_STEPS.min(max_steps), |b| b.default_steps)
-            )),
-        scale.default(json!(
-            bounds.map_or(DEFAULT_GUIDANCE_SCALE, |b| b.default_guidance_scale)
-        )),
+        steps,
+        scale,
         FieldRule::new("control_scale")
             .range(-MAX_ABS_SCALE, MAX_ABS_SCALE)
             .default(json!(DEFAULT_CONTROL_SCALE)),
@@ -267,5 +279,6 @@ pub fn rules(limits: &Limits, bounds: Option<&Bounds>) -> Vec<FieldRule> {
         height,
         format,
         FieldRule::new("score").default(json!(false)),
+        FieldRule::new("seed").range(0.0, MAX_SEED as f64),
     ]
 }

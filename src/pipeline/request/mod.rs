@@ -20,7 +20,7 @@ use crate::pipeline::output::OutputFormat;
 use crate::pipeline::synthesis::{SynthesisItem, SynthesisSettings};
 
 pub use crate::pipeline::parameters::SynthesisParameters;
-pub use limits::{rules, Bounds, FieldRule, LayoutBounds, Limits, DEFAULT_LIMITS};
+pub use limits::{rules, Bounds, FieldRule, LayoutBounds, Limits, DEFAULT_LIMITS, MAX_SEED};
 
 use limits::{DEFAULT_CONTROL_SCALE, DEFAULT_NUM_IMAGES, MAX_ABS_SCALE};
 
@@ -41,7 +41,10 @@ pub struct SynthesisRequest {
     /// Longer side, in pixels, of the guide image fed to the encoder (not
     /// with a layout_id, which already has its size). Default: the model's.
     pub layout_size: Option<u32>,
-    /// Denoising steps (default: lumen.json `default_steps`, else 30).
+    /// Denoising steps (default: lumen.json `default_steps`, else 30). At
+    /// most `--max-steps` and what every scheduler reaches with the model's
+    /// `num_train_timesteps` (999 of 1000: DDIM's leading spacing cannot
+    /// start at step 1000).
     pub steps: Option<usize>,
     /// Classifier-free guidance scale (default: lumen.json
     /// `default_guidance_scale`, else 7.5); at most 1 skips the unconditional pass.
@@ -50,7 +53,9 @@ pub struct SynthesisRequest {
     pub control_scale: Option<f64>,
     /// Scheduler. Default: the model folder's scheduler if lumen has it, else dpmpp-2m.
     pub scheduler: Option<String>,
-    /// Seed of the first image; image i uses seed + i. Random if omitted.
+    /// Seed of the first image; image i uses seed + i (modulo 2^53). At
+    /// most 2^53 - 1, so that JavaScript clients keep it exact. Random if
+    /// omitted.
     pub seed: Option<u64>,
     /// Number of images.
     pub num_images: Option<usize>,
@@ -65,7 +70,8 @@ pub struct SynthesisRequest {
     /// webp (lossless).
     pub format: Option<String>,
     /// Also return each image's fidelity score: the Pearson correlation
-    /// between the guide's first-K layout and the image's, re-extracted with
+    /// between the guide's layout and the image's over all Kmax PCA
+    /// components (whatever K the image was made with), re-extracted with
     /// the same encoder and PCA (1: same layout; 0: unrelated). Costs one
     /// encoder pass per image. Default: false.
     pub score: Option<bool>,
@@ -240,6 +246,9 @@ impl SynthesisRequest {
             b.max_steps,
         )?;
         in_range("num_images", self.num_images(), 1, b.limits.max_images)?;
+        if let Some(seed) = self.seed {
+            in_range("seed", seed, 0, MAX_SEED)?;
+        }
         for (name, v) in [
             ("guidance_scale", self.guidance_scale(b)),
             ("control_scale", self.control_scale()),
@@ -340,7 +349,7 @@ impl SynthesisPlan {
 
     /// The seed of image `i`.
     pub fn seed_of(&self, i: usize) -> u64 {
-        self.seed.wrapping_add(i as u64)
+        (self.seed.wrapping_add(i as u64)) & MAX_SEED
     }
 
     /// One item per image for `layout` (which must hold `components` channels).
