@@ -31,6 +31,16 @@ pub enum ApiError {
     #[error("unknown job `{0}` (finished jobs are kept for --job-ttl-s)")]
     UnknownJob(String),
 
+    #[error("job `{id}` is {state}: its images exist once it has succeeded")]
+    JobNotSucceeded { id: String, state: &'static str },
+
+    #[error("job `{id}` has {count} image(s): index {index} is not one of them")]
+    UnknownImage {
+        id: String,
+        index: String,
+        count: usize,
+    },
+
     #[error("no route for {method} {path}")]
     NoRoute { method: String, path: String },
 
@@ -80,6 +90,8 @@ impl ApiError {
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ApiError::UnknownLayout(_) => (StatusCode::NOT_FOUND, "unknown_layout"),
             ApiError::UnknownJob(_) => (StatusCode::NOT_FOUND, "unknown_job"),
+            ApiError::JobNotSucceeded { .. } => (StatusCode::CONFLICT, "job_not_succeeded"),
+            ApiError::UnknownImage { .. } => (StatusCode::NOT_FOUND, "unknown_image"),
             ApiError::NoRoute { .. } => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::MethodNotAllowed { .. } => {
                 (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed")

@@ -6,19 +6,18 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{Path, RawQuery, Request, State};
 use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::Response;
 use axum::Json;
 use futures_util::stream::{self, Stream};
-use serde::Deserialize;
 
 use super::synthesize::Submission;
 use crate::error::Error;
 use crate::server::api::ErrorBody;
 use crate::server::error::{ApiError, ApiResult};
-use crate::server::jobs::{JobAccepted, JobRecord, JobStatus};
+use crate::server::jobs::{JobAccepted, JobRecord, JobState, JobStatus};
 use crate::server::state::AppState;
 
 /// Start an asynchronous synthesis: the `/synthesize` body (JSON or
@@ -113,10 +112,113 @@ pub async fn cancel(
     Ok(Json(rec.status()))
 }
 
-#[derive(Debug, Deserialize, utoipa::IntoParams)]
+/// One image of a succeeded job, raw: the bytes of `result.images[index]`
+/// (its format is the request's), for clients that want a file rather than
+/// base64 in JSON.
+#[utoipa::path(
+    get,
+    path = "/jobs/{id}/images/{index}",
+    tag = "jobs",
+    params(("id" = String, Path, description = "The job's id"),
+        ("index" = usize, Path, description = "The image's index in the result, from 0")),
+    responses(
+        (status = 200, description = "The image (PNGs carry their parameters in an iTXt chunk `parameters`); its seed in `x-lumen-seed`, its score (when asked for) in `x-lumen-score`",
+            content(("image/png"), ("image/jpeg"), ("image/webp")),
+            headers(("x-lumen-seed" = u64, description = "The image's seed"))),
+        (status = 400, description = "`index` is not an integer", body = ErrorBody),
+        (status = 401, description = "Missing or wrong API key", body = ErrorBody),
+        (status = 404, description = "Unknown (or expired) job, or no image with that index", body = ErrorBody),
+        (status = 409, description = "The job has not succeeded (yet)", body = ErrorBody),
+    ),
+    security((), ("bearer" = []), ("api_key" = []))
+)]
+pub async fn image(
+    State(state): State<Arc<AppState>>,
+    Path((id, index)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    use axum::http::{header, HeaderValue};
+    use axum::response::IntoResponse;
+    // An integer of any size is an index (one past the images is 404); what
+    // is not an integer is a bad request, answered in JSON.
+    if index.is_empty() || !index.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(Error::param(
+            "index",
+            format!("`{index}` is not an image index (an integer from 0)"),
+        )
+        .into());
+    }
+    let position: usize = index.parse().unwrap_or(usize::MAX);
+    let rec = find(&state, &id)?;
+    let status = rec.status();
+    let Some(result) = status
+        .result
+        .filter(|_| status.status == JobState::Succeeded)
+    else {
+        return Err(ApiError::JobNotSucceeded {
+            id,
+            state: status.status.name(),
+        });
+    };
+    let images = result["images"].as_array().map_or(&[][..], Vec::as_slice);
+    let Some(img) = images.get(position) else {
+        return Err(ApiError::UnknownImage {
+            id,
+            index,
+            count: images.len(),
+        });
+    };
+    let format = result["parameters"]["format"].as_str().unwrap_or("png");
+    let format = crate::pipeline::output::OutputFormat::parse(format)?;
+    let bytes = base64::Engine::decode(
+        &base64::engine::general_purpose::STANDARD,
+        img["data"].as_str().unwrap_or_default(),
+    )
+    .map_err(|e| Error::Internal(format!("a stored image is not base64: {e}")))?;
+    let mut res = ([(header::CONTENT_TYPE, format.mime())], bytes).into_response();
+    let headers = res.headers_mut();
+    if let Some(seed) = img["seed"].as_u64() {
+        headers.insert("x-lumen-seed", HeaderValue::from(seed));
+    }
+    if let Some(score) = img["score"].as_f64() {
+        if let Ok(v) = HeaderValue::from_str(&(score as f32).to_string()) {
+            headers.insert("x-lumen-score", v);
+        }
+    }
+    Ok(res)
+}
+
+#[derive(Debug, Default, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct EventsQuery {
-    /// Send a `preview` event (a small PNG of image 0, base64) every N steps.
+    /// Send a `preview` event (a small PNG of image 0, base64) every N steps
+    /// (at most 100000; 0 or absent: none).
+    #[param(maximum = 100_000)]
     pub preview: Option<usize>,
+}
+
+impl EventsQuery {
+    /// The query string's fields (others are ignored), with the service's
+    /// JSON errors rather than the extractor's text ones.
+    fn parse(query: Option<&str>) -> ApiResult<Self> {
+        let mut q = Self::default();
+        for (k, v) in url::form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+            if k == "preview" {
+                let n = v
+                    .trim()
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| *n <= 100_000)
+                    .ok_or_else(|| {
+                        Error::param(
+                            "preview",
+                            format!("`{v}` is not a step count in 0..=100000"),
+                        )
+                    })?;
+                q.preview = Some(n);
+            }
+        }
+        Ok(q)
+    }
 }
 
 /// The job's events as Server-Sent Events: `queued` (`position`),
@@ -141,7 +243,7 @@ pub struct EventsQuery {
 pub async fn events(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
-    Query(q): Query<EventsQuery>,
+    RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
     let rec = find(&state, &id)?;
@@ -151,12 +253,15 @@ pub async fn events(
             .to_str()
             .ok()
             .and_then(|s| s.trim().parse::<u64>().ok())
-            .ok_or_else(|| Error::request("Last-Event-ID", "must be an event id (an integer)"))?,
+            .filter(|id| *id <= MAX_EVENT_ID)
+            .ok_or_else(|| {
+                Error::request(
+                    "Last-Event-ID",
+                    format!("must be an event id (an integer in 0..={MAX_EVENT_ID})"),
+                )
+            })?,
     };
-    let preview = q.preview.unwrap_or(0);
-    if preview > 100_000 {
-        return Err(Error::param("preview", "must be at most 100000 steps").into());
-    }
+    let preview = EventsQuery::parse(query.as_deref())?.preview.unwrap_or(0);
     let guard = PreviewGuard::new(rec.clone(), preview);
     let stream = stream::unfold(
         (guard, last, Vec::new().into_iter(), false),
@@ -190,6 +295,10 @@ pub async fn events(
     );
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }
+
+/// The largest `Last-Event-ID` taken (ids count events from 1; this keeps
+/// them exact in JavaScript).
+const MAX_EVENT_ID: u64 = crate::pipeline::request::MAX_SEED;
 
 /// Registers a stream's preview interval with its job while it is open.
 struct PreviewGuard {
