@@ -173,6 +173,11 @@ bad_requests! {
     multipart_repeated_part: form("/layout", &[("components", Part::Text("1")), ("components", Part::Text("2"))])
         => BAD_REQUEST, "invalid_request", ["`components`", "more than once"];
 
+    seed_over_javascripts_exact_integers: synth_with(json!({"seed": 9007199254740992u64}))
+        => BAD_REQUEST, "invalid_parameter", ["`seed`", "9007199254740991"];
+    multipart_boolean_not_a_boolean: form("/synthesize", &[("image", Part::File(&guide_bytes())), ("score", Part::Text("yes"))])
+        => BAD_REQUEST, "invalid_request", ["`score`", "1 or 0"];
+
     // 404, 405
     unknown_layout_id: synth_with(json!({"layout_id": format!("{}-3", "0".repeat(32))}))
         => NOT_FOUND, "unknown_layout", ["00000000000000000000000000000000-3"];
@@ -643,8 +648,53 @@ async fn openapi_documents_are_current_and_state_the_bounds() {
         schemas["SynthesizeJson"]["properties"]["steps"]["type"],
         json!(["integer", "null"])
     );
+    // Model-dependent values are stated only with a model, and never as a
+    // literal `default` where some requests must not send it.
+    let synth = &schemas["SynthesizeJson"]["properties"];
+    assert_eq!(
+        synth["steps"]["default"], 30,
+        "the tiny model's default_steps"
+    );
+    assert_eq!(synth["components"]["x-lumen-default"], 8);
+    assert!(synth["components"]["default"].is_null());
+    assert!(synth["layout_size"]["default"].is_null());
+    let committed_synth = &generic["components"]["schemas"]["SynthesizeJson"]["properties"];
+    for field in [
+        "steps",
+        "guidance_scale",
+        "scheduler",
+        "layout_size",
+        "components",
+    ] {
+        assert!(committed_synth[field]["default"].is_null(), "{field}");
+    }
+    // Seeds fit JavaScript's exact integers; request bodies are one object
+    // type each (no top-level oneOf/not); the keyed server's operations
+    // need the key, the committed (keyless) document's state none.
+    assert_eq!(synth["seed"]["maximum"], 9007199254740991u64);
+    for name in [
+        "SynthesizeJson",
+        "LayoutJson",
+        "SynthesizeForm",
+        "LayoutForm",
+    ] {
+        assert!(
+            schemas[name]["oneOf"].is_null() && schemas[name]["not"].is_null(),
+            "{name}"
+        );
+    }
+    assert_eq!(
+        served["paths"]["/synthesize"]["post"]["security"],
+        json!([{"bearer": []}, {"api_key": []}])
+    );
+    assert!(generic["paths"]["/synthesize"]["post"]["security"].is_null());
     let strip = |mut d: Value| {
         d["info"].as_object_mut().unwrap().remove("x-lumen-model");
+        for item in d["paths"].as_object_mut().unwrap().values_mut() {
+            for op in item.as_object_mut().unwrap().values_mut() {
+                op.as_object_mut().unwrap().remove("security");
+            }
+        }
         for name in [
             "LayoutJson",
             "LayoutForm",
@@ -657,7 +707,13 @@ async fn openapi_documents_are_current_and_state_the_bounds() {
             // Served: limited to --webhook-allow hosts (absent with none).
             props.remove("callback_url");
             for p in props.values_mut() {
-                for k in ["maximum", "minimum", "multipleOf", "default"] {
+                for k in [
+                    "maximum",
+                    "minimum",
+                    "multipleOf",
+                    "default",
+                    "x-lumen-default",
+                ] {
                     p.as_object_mut().unwrap().remove(k);
                 }
             }
@@ -665,6 +721,41 @@ async fn openapi_documents_are_current_and_state_the_bounds() {
         d
     };
     assert_eq!(strip(served), strip(generic));
+}
+
+/// Every example in the served document is a request the server accepts
+/// (Swagger UI sends them as they are from "Try it out").
+#[tokio::test]
+async fn every_example_in_the_document_is_accepted() {
+    let served: Value = call(get("/openapi.json")).await.json();
+    let mut sent = 0;
+    for (path, item) in served["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            let Some(content) = op["requestBody"]["content"].as_object() else {
+                continue;
+            };
+            for (mime, media) in content {
+                let mut examples: Vec<Value> = media["examples"]
+                    .as_object()
+                    .map(|m| m.values().map(|e| e["value"].clone()).collect())
+                    .unwrap_or_default();
+                examples.extend(media.get("example").cloned());
+                for example in examples {
+                    assert_eq!(mime, "application/json", "{path}: only JSON examples");
+                    assert_eq!(method, "post");
+                    let a = call(json(path, &example)).await;
+                    assert!(
+                        a.status.is_success(),
+                        "{method} {path}: example refused with {}: {}",
+                        a.status,
+                        String::from_utf8_lossy(&a.body)
+                    );
+                    sent += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(sent, 3, "/layout, /synthesize and /jobs have examples");
 }
 
 #[tokio::test]
@@ -714,4 +805,63 @@ async fn health_ready_metrics_docs_cors_and_request_ids() {
     ] {
         assert!(m.contains(name), "{name} missing from /metrics");
     }
+}
+
+/// `Accept` q-values choose among the answers a request can have; a raw
+/// image that cannot be had falls back to JSON when JSON is acceptable.
+#[tokio::test]
+async fn accept_q_values_fall_back_to_json() {
+    let both = "image/png, application/json;q=0.5";
+    let a = call(with_header(
+        synth_with(json!({"num_images": 2, "steps": 2})),
+        header::ACCEPT,
+        both,
+    ))
+    .await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(a.headers[header::CONTENT_TYPE], "application/json");
+    assert_eq!(a.json()["images"].as_array().unwrap().len(), 2);
+    let a = call(with_header(
+        synth_with(json!({"steps": 2})),
+        header::ACCEPT,
+        both,
+    ))
+    .await;
+    assert_eq!(a.headers[header::CONTENT_TYPE], "image/png");
+    let a = call(with_header(
+        synth_with(json!({"steps": 2})),
+        header::ACCEPT,
+        "image/*;q=0.9, image/png;q=0, application/json;q=0.1",
+    ))
+    .await;
+    assert_eq!(
+        a.headers[header::CONTENT_TYPE],
+        "image/jpeg",
+        "png excluded, jpeg via image/*"
+    );
+}
+
+/// The playground's files are served from the binary, with a policy that
+/// keeps the page to this server.
+#[tokio::test]
+async fn the_playground_is_served_from_the_binary() {
+    for (path, mime) in [
+        ("/", "text/html; charset=utf-8"),
+        ("/playground/app.js", "text/javascript; charset=utf-8"),
+        ("/playground/style.css", "text/css; charset=utf-8"),
+        ("/playground/examples/shapes-guide-3.png", "image/png"),
+    ] {
+        let a = call(get(path)).await;
+        assert_eq!(a.status, StatusCode::OK, "{path}");
+        assert_eq!(a.headers[header::CONTENT_TYPE], mime, "{path}");
+        let csp = a.headers[header::CONTENT_SECURITY_POLICY].to_str().unwrap();
+        assert!(csp.contains("default-src 'self'") && csp.contains("script-src 'self'"));
+    }
+    let page = String::from_utf8(call(get("/")).await.body.to_vec()).unwrap();
+    assert!(
+        !page.contains("http://") && !page.contains("https://"),
+        "no outside URL"
+    );
+    let a = call(get("/playground/examples/nothing.png")).await;
+    assert_eq!(a.status, StatusCode::NOT_FOUND);
 }

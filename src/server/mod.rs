@@ -105,7 +105,14 @@ impl Service {
             protect_all: args.protect_all,
             shutting_down: AtomicBool::new(false),
             model_identity: source.identity(),
-            openapi_generic: openapi::to_pretty(&openapi::document(&limits, None)),
+            openapi_generic: openapi::to_pretty(&openapi::document_with(
+                &limits,
+                None,
+                openapi::Deployment {
+                    callbacks: None,
+                    keyed: args.api_key.is_some(),
+                },
+            )),
             jobs: JobStore::new(StoreLimits {
                 ttl: Duration::from_secs(args.job_ttl_s),
                 max_jobs: args.max_jobs,
@@ -174,7 +181,10 @@ impl Service {
                         let openapi = openapi::to_pretty(&openapi::document_with(
                             &limits,
                             Some(&bounds),
-                            Some(&state.webhook_allow),
+                            openapi::Deployment {
+                                callbacks: Some(&state.webhook_allow),
+                                keyed: state.api_key.is_some(),
+                            },
                         ));
                         let _ = state.ready.set(Arc::new(Ready {
                             specs,

@@ -15,7 +15,7 @@ use serde_json::{json, Map, Value};
 use utoipa::OpenApi;
 
 use crate::pipeline::layout_id;
-use crate::pipeline::request::{rules, Bounds, FieldRule, Limits};
+use crate::pipeline::request::{rules, Bounds, FieldRule, Limits, MAX_SEED};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -31,6 +31,7 @@ use crate::pipeline::request::{rules, Bounds, FieldRule, Limits};
         crate::server::handlers::jobs::get,
         crate::server::handlers::jobs::cancel,
         crate::server::handlers::jobs::events,
+        crate::server::handlers::jobs::image,
         crate::server::handlers::status::health,
         crate::server::handlers::status::ready,
         crate::server::handlers::status::metrics,
@@ -81,19 +82,32 @@ impl utoipa::Modify for SecurityAddon {
 /// The image types a guide may be.
 pub const GUIDE_MEDIA_TYPES: [&str; 3] = ["image/png", "image/jpeg", "image/webp"];
 
-/// The document for `limits` and, when a model is loaded, its bounds.
-pub fn document(limits: &Limits, bounds: Option<&Bounds>) -> Value {
-    document_with(limits, bounds, None)
+/// What a running deployment adds to the document.
+#[derive(Clone, Copy, Default)]
+pub struct Deployment<'a> {
+    /// Its `--webhook-allow`: `callback_url` is then limited to those hosts
+    /// (a pattern), or absent when none is allowed, so that a schema-valid
+    /// body is one the server accepts. `None`: the generic document.
+    pub callbacks: Option<&'a crate::server::jobs::WebhookAllow>,
+    /// Whether an API key guards the API routes: their operations then
+    /// require `bearer` or `api_key`; without one they state no security
+    /// (generated clients then take a plain client).
+    pub keyed: bool,
 }
 
-/// [`document`] for a deployment whose `--webhook-allow` gives `callbacks`:
-/// `callback_url` is then limited to those hosts (a pattern), or absent when
-/// none is allowed, so a schema-valid body is one the server accepts.
-pub fn document_with(
-    limits: &Limits,
-    bounds: Option<&Bounds>,
-    callbacks: Option<&crate::server::jobs::WebhookAllow>,
-) -> Value {
+/// The guide the document's examples send: a bundled shapes example.
+pub const EXAMPLE_GUIDE_PNG: &[u8] = include_bytes!("../../models/examples/shapes-guide.png");
+/// Its caption, the examples' prompt.
+pub const EXAMPLE_PROMPT: &str = "a red triangle and a green circle";
+
+/// The document for `limits` and, when a model is loaded, its bounds.
+pub fn document(limits: &Limits, bounds: Option<&Bounds>) -> Value {
+    document_with(limits, bounds, Deployment::default())
+}
+
+/// [`document`] as a deployment serves it.
+pub fn document_with(limits: &Limits, bounds: Option<&Bounds>, deployment: Deployment) -> Value {
+    let callbacks = deployment.callbacks;
     let mut doc = serde_json::to_value(ApiDoc::openapi()).unwrap_or_default();
     doc["info"]["version"] = json!(env!("CARGO_PKG_VERSION"));
     if let Some(b) = bounds {
@@ -139,14 +153,115 @@ pub fn document_with(
                 if let Some(content) = r["content"].as_object_mut() {
                     for (mime, media) in content.iter_mut() {
                         if mime != "application/json" {
-                            media["schema"] = json!({"type": "string", "contentMediaType": mime});
+                            media["schema"] = binary(mime);
                         }
                     }
                 }
             }
         }
     }
+    let guide = base64::Engine::encode(
+        &base64::engine::general_purpose::STANDARD,
+        EXAMPLE_GUIDE_PNG,
+    );
+    for (path, example) in [
+        ("/layout", json!({"image": guide})),
+        (
+            "/synthesize",
+            json!({"image": guide, "prompt": EXAMPLE_PROMPT, "seed": 1}),
+        ),
+        (
+            "/jobs",
+            json!({"image": guide, "prompt": EXAMPLE_PROMPT, "seed": 1}),
+        ),
+    ] {
+        doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]["example"] =
+            example;
+    }
+    // Event ids stay exact in JavaScript; the server refuses larger ones.
+    if let Some(params) = doc["paths"]["/jobs/{id}/events"]["get"]["parameters"].as_array_mut() {
+        for p in params.iter_mut().filter(|p| p["name"] == "last-event-id") {
+            p["schema"] = json!({"type": "integer", "minimum": 0, "maximum": MAX_SEED});
+        }
+    }
+    // Each event of the stream (OpenAPI 3.2's `itemSchema`); the stream as
+    // a whole is any value (`{}`: generated clients read it as text).
+    doc["paths"]["/jobs/{id}/events"]["get"]["responses"]["200"]["content"]["text/event-stream"] = json!({
+        "schema": {},
+        "itemSchema": {
+            "type": "object",
+            "required": ["event", "data", "id"],
+            "properties": {
+                "event": {"type": "string", "enum": ["queued", "progress", "preview", "succeeded", "failed", "cancelled"]},
+                "data": {"type": "string", "description": "The event's fields, JSON"},
+                "id": {"type": "string", "pattern": "^[0-9]+$"},
+            },
+        },
+    });
+    if let Some(image) = doc["paths"]["/jobs/{id}/images/{index}"]["get"]["responses"]["200"]
+        ["content"]
+        .as_object_mut()
+    {
+        for (mime, media) in image.iter_mut() {
+            media["schema"] = binary(mime);
+        }
+    }
+    for item in doc["paths"]
+        .as_object_mut()
+        .into_iter()
+        .flat_map(|m| m.values_mut())
+    {
+        for op in item
+            .as_object_mut()
+            .into_iter()
+            .flat_map(|m| m.values_mut())
+        {
+            operation_extras(op, deployment.keyed);
+        }
+    }
     doc
+}
+
+/// A binary answer's schema.
+fn binary(mime: &str) -> Value {
+    json!({"type": "string", "format": "binary", "contentMediaType": mime})
+}
+
+/// An operation states its security as the deployment has it, and one
+/// optional header: its own (`prefer`, `last-event-id`), else the
+/// `x-request-id` every request may carry (kept, echoed and logged). One
+/// optional parameter in each body operation keeps openapi-python-client's
+/// modules importing `Unset` (its bug #1451); only one optional header,
+/// because schemathesis' coverage phase counts an unknown header sent
+/// beside two as a schema violation the server should refuse.
+fn operation_extras(op: &mut Value, keyed: bool) {
+    let Some(o) = op.as_object_mut() else {
+        return;
+    };
+    if o.contains_key("security") {
+        if keyed {
+            o.insert("security".into(), json!([{"bearer": []}, {"api_key": []}]));
+        } else {
+            o.remove("security");
+        }
+    }
+    let params = o.entry("parameters").or_insert_with(|| json!([]));
+    if let Some(list) = params.as_array_mut() {
+        // A header or query value is text: it is absent, never `null`.
+        for p in list.iter_mut() {
+            strip_null(&mut p["schema"]);
+        }
+        if list.iter().any(|p| p["in"] == "header") {
+            return;
+        }
+        list.push(json!({
+            "name": "x-request-id",
+            "in": "header",
+            "required": false,
+            "description": "Your id for this request: kept, echoed in the answer's `x-request-id` and written in the server's log line (a new UUID when absent).",
+            "schema": {"type": "string"},
+        }));
+    }
 }
 
 /// The committed document: [`document`] with the default limits and no model.
@@ -180,13 +295,6 @@ fn request_body(base: &Value, json: bool, synthesis: bool, rules: &[FieldRule]) 
         }
         if let Some(rule) = rules.iter().find(|r| r.name == name) {
             apply(p, rule, json);
-        }
-        if name == "seed" {
-            // Any u64 (OpenAPI's `int64` format would cap it at 2^63 - 1).
-            if let Some(o) = p.as_object_mut() {
-                o.remove("format");
-            }
-            p["maximum"] = json!(u64::MAX);
         }
     }
     let nullable = |t: &str| if json { json!([t, "null"]) } else { json!(t) };
@@ -233,14 +341,20 @@ fn request_body(base: &Value, json: bool, synthesis: bool, rules: &[FieldRule]) 
             }),
         );
         // Exactly one of image and layout_id (given: present and not null);
-        // layout_size only with an image.
-        let given =
-            |field: &str, t: &str| json!({"required": [field], "properties": {field: {"type": t}}});
-        schema["oneOf"] = json!([given("image", "string"), given("layout_id", "string")]);
-        schema["not"] = json!({
-            "required": ["layout_id", "layout_size"],
-            "properties": {"layout_id": {"type": "string"}, "layout_size": {"type": "integer"}},
-        });
+        // layout_size only with an image. Said with if/then/else, which
+        // validators apply and client generators pass over: the body stays
+        // one object type with every property (a top-level oneOf becomes a
+        // union of partial types in generated clients).
+        schema["description"] = json!(format!(
+            "{} Exactly one of `image` and `layout_id`; `layout_size` only with `image`.",
+            base["description"].as_str().unwrap_or_default()
+        ));
+        schema["if"] =
+            json!({"required": ["layout_id"], "properties": {"layout_id": {"type": "string"}}});
+        schema["then"] =
+            json!({"properties": {"image": {"type": "null"}, "layout_size": {"type": "null"}}});
+        schema["else"] =
+            json!({"required": ["image"], "properties": {"image": {"type": "string"}}});
     } else {
         // A layout alone, or a multipart request, uploads its guide image.
         // (A multipart body has no layout_id: JSON carries it.)
@@ -266,7 +380,7 @@ fn strip_null(p: &mut Value) {
 
 fn apply(p: &mut Value, rule: &FieldRule, json: bool) {
     let num = |x: f64| {
-        if x.fract() == 0.0 && x.abs() < 9e15 {
+        if x.fract() == 0.0 && x.abs() <= MAX_SEED as f64 {
             json!(x as i64)
         } else {
             json!(x)
@@ -282,13 +396,22 @@ fn apply(p: &mut Value, rule: &FieldRule, json: bool) {
         p["multipleOf"] = json!(m);
     }
     if let Some(choices) = &rule.choices {
-        let mut e: Vec<Value> = choices.iter().map(|c| json!(c)).collect();
+        let choice = json!({"type": "string", "enum": choices});
         if json {
-            e.push(Value::Null);
+            // A choice or null: one enum type in generated clients (a
+            // nullable `enum` with null in it becomes several).
+            if let Some(o) = p.as_object_mut() {
+                o.remove("type");
+            }
+            p["anyOf"] = json!([choice, {"type": "null"}]);
+        } else {
+            p["enum"] = choice["enum"].clone();
         }
-        p["enum"] = Value::Array(e);
     }
     if let Some(d) = &rule.default {
         p["default"] = d.clone();
+    }
+    if let Some(d) = &rule.model_default {
+        p["x-lumen-default"] = d.clone();
     }
 }

@@ -13,7 +13,7 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 
 use crate::error::{Error, Result};
 use crate::server::error::ApiError;
-use crate::server::handlers::{jobs, layout, status, synthesize};
+use crate::server::handlers::{jobs, layout, playground, status, synthesize};
 use crate::server::metrics;
 use crate::server::state::AppState;
 
@@ -26,6 +26,7 @@ pub fn router(state: Arc<AppState>, cors_origins: &[String]) -> Result<Router> {
         .route("/jobs", post(jobs::create))
         .route("/jobs/{id}", get(jobs::get).delete(jobs::cancel))
         .route("/jobs/{id}/events", get(jobs::events))
+        .route("/jobs/{id}/images/{index}", get(jobs::image))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
     let mut about = Router::new()
         .route("/metrics", get(status::metrics))
@@ -37,6 +38,10 @@ pub fn router(state: Arc<AppState>, cors_origins: &[String]) -> Result<Router> {
     let mut app = Router::new()
         .merge(protected)
         .merge(about)
+        .route("/", get(playground::index))
+        .route("/playground/app.js", get(playground::script))
+        .route("/playground/style.css", get(playground::style))
+        .route("/playground/examples/{file}", get(playground::example))
         .route("/health", get(status::health))
         .route("/ready", get(status::ready))
         .fallback(status::no_route)

@@ -1,11 +1,13 @@
 //! HTTP handlers, one file per concern: [`layout`] and [`synthesize`] turn a
 //! request into work for the inference thread and encode the answer;
+//! [`playground`] serves the page at `/`;
 //! [`status`] answers health, readiness, metrics, the OpenAPI document and
 //! unknown routes. Shared here: the guide (cache or decode), the queue, the
 //! blocking pool. A handler never touches model weights.
 
 pub mod jobs;
 pub mod layout;
+pub mod playground;
 pub mod status;
 pub mod synthesize;
 
