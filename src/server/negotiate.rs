@@ -102,8 +102,10 @@ impl Accept {
     }
 }
 
-/// `type/subtype;param…;q=…` as a range (lower case, q clamped to 0..=1; an
-/// unreadable q counts as 1), or `None` when it is not a media range.
+/// `type/subtype;param…;q=…` as a range (lower case), or `None` when it is
+/// not a media range or its q is not an RFC 9110 qvalue (0 to 1, at most
+/// three decimals): a malformed range is ignored rather than guessed at.
+/// Other parameters do not take part in matching.
 fn parse_range(part: &str) -> Option<Range> {
     let mut it = part.split(';');
     let mime = it.next()?.trim().to_ascii_lowercase();
@@ -111,18 +113,35 @@ fn parse_range(part: &str) -> Option<Range> {
     if kind.is_empty() || subtype.is_empty() || (kind == "*" && subtype != "*") {
         return None;
     }
-    let q = it
+    let q = match it
         .filter_map(|p| {
             let (k, v) = p.split_once('=')?;
             k.trim().eq_ignore_ascii_case("q").then(|| v.trim())
         })
         .next()
-        .map_or(1.0, |v| v.parse::<f32>().map_or(1.0, |q| q.clamp(0.0, 1.0)));
+    {
+        None => 1.0,
+        Some(v) => qvalue(v)?,
+    };
     Some(Range {
         kind: kind.trim().into(),
         subtype: subtype.trim().into(),
         q,
     })
+}
+
+/// An RFC 9110 qvalue: `0`, `0.` and up to three digits, `1`, `1.` and up to
+/// three zeros.
+fn qvalue(v: &str) -> Option<f32> {
+    let (int, frac) = v.split_once('.').unwrap_or((v, ""));
+    let ok = frac.len() <= 3
+        && frac.bytes().all(|b| b.is_ascii_digit())
+        && match int {
+            "0" => true,
+            "1" => frac.bytes().all(|b| b == b'0'),
+            _ => false,
+        };
+    ok.then(|| v.parse::<f32>().ok()).flatten()
 }
 
 const JSON: &str = "application/json";
@@ -262,8 +281,19 @@ mod tests {
         );
         assert_eq!(
             accept("image/png;q=abc, application/json;q=0.9").choose(&offers),
-            Some("image/png")
+            Some(JSON),
+            "a malformed q drops its range: the typo does not become the favourite"
         );
+        // Nothing readable left: as if there were no header.
+        assert_eq!(
+            accept("image/png;q=0.5x, image/png;q=2").choose(&offers),
+            Some(JSON)
+        );
+        assert_eq!(qvalue("0.125"), Some(0.125));
+        assert_eq!(qvalue("1.000"), Some(1.0));
+        for bad in ["1.5", "0.1234", "-0", "NaN", "", "1e-1"] {
+            assert_eq!(qvalue(bad), None, "{bad}");
+        }
         assert_eq!(accept(", ,").choose(&offers), Some(JSON));
     }
 
