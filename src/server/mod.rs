@@ -111,6 +111,7 @@ impl Service {
                 openapi::Deployment {
                     callbacks: None,
                     keyed: args.api_key.is_some(),
+                    protect_all: args.protect_all,
                 },
             )),
             jobs: JobStore::new(StoreLimits {
@@ -184,6 +185,7 @@ impl Service {
                             openapi::Deployment {
                                 callbacks: Some(&state.webhook_allow),
                                 keyed: state.api_key.is_some(),
+                                protect_all: state.protect_all,
                             },
                         ));
                         let _ = state.ready.set(Arc::new(Ready {

@@ -93,6 +93,8 @@ pub struct Deployment<'a> {
     /// require `bearer` or `api_key`; without one they state no security
     /// (generated clients then take a plain client).
     pub keyed: bool,
+    /// `--protect-all`: the key also guards `/metrics` (and the document).
+    pub protect_all: bool,
 }
 
 /// The guide the document's examples send: a bundled shapes example.
@@ -184,11 +186,12 @@ pub fn document_with(limits: &Limits, bounds: Option<&Bounds>, deployment: Deplo
             p["schema"] = json!({"type": "integer", "minimum": 0, "maximum": MAX_SEED});
         }
     }
-    // Each event of the stream (OpenAPI 3.2's `itemSchema`); the stream as
-    // a whole is any value (`{}`: generated clients read it as text).
+    // The stream as a whole is any value (`{}`: generated clients read it
+    // as text). Each event's shape is OpenAPI 3.2's `itemSchema`, which a
+    // 3.1 document can only carry as an extension.
     doc["paths"]["/jobs/{id}/events"]["get"]["responses"]["200"]["content"]["text/event-stream"] = json!({
         "schema": {},
-        "itemSchema": {
+        "x-itemSchema": {
             "type": "object",
             "required": ["event", "data", "id"],
             "properties": {
@@ -219,6 +222,9 @@ pub fn document_with(limits: &Limits, bounds: Option<&Bounds>, deployment: Deplo
             operation_extras(op, deployment.keyed);
         }
     }
+    if deployment.keyed && deployment.protect_all {
+        doc["paths"]["/metrics"]["get"]["security"] = json!([{"bearer": []}, {"api_key": []}]);
+    }
     doc
 }
 
@@ -248,8 +254,8 @@ fn operation_extras(op: &mut Value, keyed: bool) {
     let params = o.entry("parameters").or_insert_with(|| json!([]));
     if let Some(list) = params.as_array_mut() {
         // A header or query value is text: it is absent, never `null`.
-        for p in list.iter_mut() {
-            strip_null(&mut p["schema"]);
+        for schema in list.iter_mut().filter_map(|p| p.get_mut("schema")) {
+            strip_null(schema);
         }
         if list.iter().any(|p| p["in"] == "header") {
             return;
@@ -328,7 +334,7 @@ fn request_body(base: &Value, json: bool, synthesis: bool, rules: &[FieldRule]) 
     }
     let mut schema = json!({
         "type": "object",
-        "description": base["description"],
+        "description": base["description"].as_str().unwrap_or_default(),
         "additionalProperties": false,
     });
     if synthesis && json {

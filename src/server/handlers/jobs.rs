@@ -124,7 +124,8 @@ pub async fn cancel(
     responses(
         (status = 200, description = "The image (PNGs carry their parameters in an iTXt chunk `parameters`); its seed in `x-lumen-seed`, its score (when asked for) in `x-lumen-score`",
             content(("image/png"), ("image/jpeg"), ("image/webp")),
-            headers(("x-lumen-seed" = u64, description = "The image's seed"))),
+            headers(("x-lumen-seed" = u64, description = "The image's seed"),
+                ("x-lumen-score" = f32, description = "Its fidelity score, when the job asked for scores"))),
         (status = 400, description = "`index` is not an integer", body = ErrorBody),
         (status = 401, description = "Missing or wrong API key", body = ErrorBody),
         (status = 404, description = "Unknown (or expired) job, or no image with that index", body = ErrorBody),
@@ -203,10 +204,9 @@ impl EventsQuery {
         let mut q = Self::default();
         for (k, v) in url::form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
             if k == "preview" {
-                let n = v
-                    .trim()
-                    .parse::<usize>()
-                    .ok()
+                let n = Some(&*v)
+                    .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+                    .and_then(|v| v.parse::<usize>().ok())
                     .filter(|n| *n <= 100_000)
                     .ok_or_else(|| {
                         Error::param(
@@ -252,7 +252,9 @@ pub async fn events(
         Some(v) => v
             .to_str()
             .ok()
-            .and_then(|s| s.trim().parse::<u64>().ok())
+            .map(str::trim)
+            .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|s| s.parse::<u64>().ok())
             .filter(|id| *id <= MAX_EVENT_ID)
             .ok_or_else(|| {
                 Error::request(
