@@ -15,18 +15,20 @@ import pytest
 
 from conftest import API_KEY, GUIDE
 
-# Every status line the page shows, in order (progress events included).
-RECORD_STATUS = """
-window.__statuses = [];
-new MutationObserver(() => {
-  const el = document.getElementById('status');
-  if (el) window.__statuses.push(el.textContent);
-}).observe(document, {subtree: true, childList: true, characterData: true});
+# Every step the progress bar is set to (one mutation record per progress
+# event, however many arrive in one chunk).
+RECORD_STEPS = """
+window.__steps = [];
+document.addEventListener('DOMContentLoaded', () => {
+  new MutationObserver((records) => {
+    for (const r of records) window.__steps.push(Number(r.target.dataset.step));
+  }).observe(document.getElementById('progress'), {attributes: true, attributeFilter: ['data-step']});
+});
 """
 
 
 def open_playground(page, url):
-    page.add_init_script(RECORD_STATUS)
+    page.add_init_script(RECORD_STEPS)
     page.goto(f"{url}/")
     # The controls are configured from /openapi.json once it has loaded.
     page.wait_for_function("() => document.getElementById('k').max !== '1'")
@@ -65,16 +67,16 @@ def test_generate_matches_the_api(page, server, screenshots):
 
     page.get_by_label("Components K").fill("3")
     page.get_by_label("Prompt", exact=True).fill("a red triangle and a green circle")
-    page.get_by_label("random").uncheck()
-    page.get_by_label("Seed").fill("7")
+    page.get_by_label("Random seed").uncheck()
+    page.get_by_label("Seed", exact=True).fill("7")
     page.get_by_label("Steps").fill("12")
     with page.expect_request(lambda r: r.url.endswith("/jobs") and r.method == "POST") as req:
         page.get_by_role("button", name="Generate").click()
     body = req.value.post_data_json
     page.wait_for_selector("#gallery .card img")
-    statuses = page.evaluate("window.__statuses")
-    assert any("step 12 of 12" in s for s in statuses), statuses
-    assert any("step" in s and "of 12" in s and "step 12" not in s for s in statuses), statuses
+    steps = page.evaluate("window.__steps")
+    assert steps == list(range(13)), f"a progress event per step: {steps}"
+    assert page.inner_text("#progress-text").startswith("Step 12 of 12")
     assert page.locator("#preview").is_visible()
     page.screenshot(path=str(screenshots / "playground.png"), full_page=True)
 
@@ -96,7 +98,7 @@ def test_generate_matches_the_api(page, server, screenshots):
     assert params["seed"] == 7 and params["components"] == 3
 
     # Use as guide: the result becomes the guide, its layout is shown.
-    page.get_by_role("button", name="Use as guide").first.click()
+    page.get_by_role("button", name="Use the image with seed 7 as the guide").click()
     page.wait_for_function("(src) => document.getElementById('guide-img').src === src", arg=src)
     page.wait_for_selector("#layout-img:not([hidden])")
 
@@ -105,8 +107,8 @@ def test_k_sweep(page, server, screenshots):
     open_playground(page, server.url)
     page.get_by_role("button", name="Example guide: a red square and a magenta triangle").click()
     page.wait_for_selector("#layout-img:not([hidden])")
-    page.get_by_label("random").uncheck()
-    page.get_by_label("Seed").fill("3")
+    page.get_by_label("Random seed").uncheck()
+    page.get_by_label("Seed", exact=True).fill("3")
     page.get_by_label("Steps").fill("8")
     kmax = int(page.get_by_label("Components K").get_attribute("max"))
     page.get_by_role("button", name="K sweep").click()
@@ -131,7 +133,7 @@ def test_cancel_a_long_job(page, server):
     page.get_by_label("Images").fill("2")
     with page.expect_request(lambda r: r.url.endswith("/jobs") and r.method == "POST"):
         page.get_by_role("button", name="Generate").click()
-    page.wait_for_function("() => /step [1-9]/.test(document.getElementById('status').textContent)")
+    page.wait_for_function("() => /Step [1-9]/.test(document.getElementById('progress-text').textContent)")
     with page.expect_response(lambda r: r.request.method == "DELETE") as resp:
         page.get_by_role("button", name="Cancel").click()
     job = resp.value.json()

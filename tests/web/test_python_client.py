@@ -82,13 +82,22 @@ def test_layout_and_synthesis(generated, server):
     assert isinstance(lay_form, LayoutResponse), lay_form
     assert lay_form.layout_id == lay.layout_id and lay_form.data == lay.data
 
+    # The served document's defaults are the loaded model's: a body that
+    # leaves steps and guidance out (the client then sends the document's
+    # defaults) gets what the server uses by itself.
+    doc = httpx.get(f"{server.url}/openapi.json").json()["components"]["schemas"]["SynthesizeJson"]
+    defaults = synthesize.sync(client=client, body=SynthesizeJson(image=b64, seed=21))
+    assert isinstance(defaults, SynthesizeResponse), defaults
+    assert defaults.parameters.steps == doc["properties"]["steps"]["default"]
+    assert defaults.parameters.guidance_scale == doc["properties"]["guidance_scale"]["default"]
+    assert defaults.parameters.components == doc["properties"]["components"]["x-lumen-default"]
+    plain = httpx.post(f"{server.url}/synthesize", json={"image": b64, "seed": 21}, timeout=120).json()
+    assert defaults.images[0].data == plain["images"][0]["data"]
+
     common = dict(prompt="a red triangle and a green circle", seed=21, steps=4, components=lay.components)
     by_image = synthesize.sync(client=client, body=SynthesizeJson(image=b64, **common))
     assert isinstance(by_image, SynthesizeResponse), by_image
     assert [i.seed for i in by_image.images] == [21]
-    # The served document's defaults are the loaded model's, so the client
-    # sends what the server would have used.
-    assert by_image.parameters.steps == 4
 
     by_id = synthesize.sync(client=client, body=SynthesizeJson(layout_id=lay.layout_id, **common))
     assert isinstance(by_id, SynthesizeResponse), by_id

@@ -13,6 +13,9 @@ const state = {
   stream: null,     // its event stream's AbortController
   stopped: false,   // Cancel pressed: a K sweep stops too
   busy: false,
+  configured: false, // the controls hold the document's defaults already
+  key: "",          // the key the document was last loaded with
+  guideSeq: 0,      // the latest guide pick (older /layout answers are dropped)
 };
 
 const EXAMPLES = [
@@ -109,12 +112,14 @@ function configure(doc) {
     Object.values(item).some((op) => Array.isArray(op.security) && op.security.length > 0));
   if (needsKey) showKeyField();
 
+  const first = !state.configured;
+  state.configured = true;
   const k = props.components || {};
   state.kmax = k.maximum || 1;
   const slider = $("k");
   slider.min = k.minimum || 1;
   slider.max = state.kmax;
-  slider.value = k["x-lumen-default"] || state.kmax;
+  if (first) slider.value = k["x-lumen-default"] || state.kmax;
   $("k-out").textContent = slider.value;
   $("sweep").textContent = `K sweep 1…${state.kmax}`;
 
@@ -124,12 +129,13 @@ function configure(doc) {
     if (p.minimum !== undefined) input.min = p.minimum;
     if (p.maximum !== undefined) input.max = p.maximum;
     if (p.multipleOf !== undefined) input.step = p.multipleOf;
-    if (p.default !== undefined && p.default !== null) input.value = p.default;
+    if (first && p.default !== undefined && p.default !== null) input.value = p.default;
     input.title = (p.description || "").replace(/\s+/g, " ");
   }
   const sched = props.scheduler || {};
   const choices = ((sched.anyOf || []).find((s) => Array.isArray(s.enum)) || {}).enum || [];
   const select = $("scheduler");
+  if (!first) return;
   select.replaceChildren();
   for (const c of choices) {
     const o = document.createElement("option");
@@ -158,28 +164,30 @@ function fromBase64(b64, mime) {
   return new Blob([bytes], { type: mime });
 }
 
+// A new guide: shown at once, kept for Generate only once /layout takes it.
+// Of several quick picks, the last one wins.
 async function setGuide(blob, name) {
+  const seq = ++state.guideSeq;
   const b64 = toBase64(await blob.arrayBuffer());
-  state.guide = { b64, mime: blob.type || "image/png", name };
+  const guide = { b64, mime: blob.type || "image/png", name };
   const img = $("guide-img");
-  img.src = `data:${state.guide.mime};base64,${b64}`;
+  img.src = `data:${guide.mime};base64,${b64}`;
   img.hidden = false;
-  await showLayout();
-}
-
-async function showLayout() {
-  if (!state.guide) return;
+  state.guide = null;
   showError(null);
   say("Computing the layout…");
   $("layout-img").hidden = true;
   try {
-    const r = await postJson("/layout", { image: state.guide.b64 });
-    const img = $("layout-img");
-    img.src = `data:image/png;base64,${r.preview_png}`;
-    img.hidden = false;
+    const r = await postJson("/layout", { image: guide.b64 });
+    if (seq !== state.guideSeq) return;
+    state.guide = guide;
+    const lay = $("layout-img");
+    lay.src = `data:image/png;base64,${r.preview_png}`;
+    lay.hidden = false;
     $("layout-caption").textContent = `Layout: ${r.grid[0]}×${r.grid[1]} patches, K = ${r.components}`;
-    say(`Guide ${state.guide.name} ready: choose K and generate.`);
+    say(`Guide ${guide.name} ready: choose K and generate.`);
   } catch (e) {
+    if (seq !== state.guideSeq) return;
     showError(e);
     say("The guide was refused.");
   }
@@ -210,9 +218,15 @@ function setupGuideInputs() {
     img.alt = "";
     b.append(img);
     b.addEventListener("click", async () => {
-      const res = await fetch(`/playground/examples/${name}.png`);
-      $("prompt").value = caption;
-      await setGuide(await res.blob(), `${name}.png`);
+      try {
+        const res = await fetch(`/playground/examples/${name}.png`);
+        if (!res.ok) throw new Error(`the example ${name} is missing (${res.status})`);
+        const blob = await res.blob();
+        $("prompt").value = caption;
+        await setGuide(blob, `${name}.png`);
+      } catch (e) {
+        showError(e);
+      }
     });
     box.append(b);
   }
@@ -225,7 +239,13 @@ function numberField(name) {
   return v === "" ? undefined : Number(v);
 }
 
+const MAX_SEED = 2 ** 53 - 1;
+
 function requestBody() {
+  const seedText = $("seed").value.trim();
+  if (!$("seed-random").checked && !(/^\d+$/.test(seedText) && BigInt(seedText) <= BigInt(MAX_SEED))) {
+    throw new Error(`The seed must be a whole number from 0 to ${MAX_SEED} (or tick "Random seed").`);
+  }
   const body = {
     image: state.guide.b64,
     prompt: $("prompt").value,
@@ -238,7 +258,7 @@ function requestBody() {
     if (v !== undefined) body[name] = v;
   }
   if ($("scheduler").value) body.scheduler = $("scheduler").value;
-  body.seed = $("seed-random").checked ? randomSeed() : numberField("seed");
+  body.seed = $("seed-random").checked ? randomSeed() : Number(seedText);
   return body;
 }
 
@@ -291,10 +311,17 @@ async function follow(id, steps, label) {
   } finally {
     ctrl.abort();
   }
-  // The stream ended without a final event: ask for the status.
-  const st = await (await api(`/jobs/${encodeURIComponent(id)}`)).json();
-  if (st.status === "succeeded") return { result: st.result };
-  return { error: st.error, cancelled: st.status === "cancelled" };
+  // The stream ended without a final event (a proxy, a restart): follow
+  // the job's status until it is final.
+  for (;;) {
+    const st = await (await api(`/jobs/${encodeURIComponent(id)}`)).json();
+    if (st.status === "succeeded") return { result: st.result };
+    if (st.status === "failed" || st.status === "cancelled") {
+      return { error: st.error, cancelled: st.status === "cancelled" };
+    }
+    onEvent({ event: "progress", data: { step: st.step, steps: st.steps, eta_s: st.eta_s } }, label);
+    await new Promise((r) => setTimeout(r, 500));
+  }
 }
 
 function onEvent(ev, label) {
@@ -305,10 +332,14 @@ function onEvent(ev, label) {
       return null;
     case "progress": {
       const p = $("progress");
+      if (d.step === 0) say(`${label}: running.`);
       p.max = d.steps || 1;
       p.value = d.step || 0;
+      p.dataset.step = String(d.step);
+      // Steps go to the progress bar and this line, not to the live region
+      // (a screen reader would read every one).
       const eta = typeof d.eta_s === "number" ? `, about ${d.eta_s.toFixed(1)} s left` : "";
-      say(`${label}: step ${d.step} of ${d.steps}${eta}.`);
+      $("progress-text").textContent = `Step ${d.step} of ${d.steps}${eta}.`;
       return null;
     }
     case "preview": {
@@ -329,9 +360,14 @@ function onEvent(ev, label) {
 }
 
 async function runJob(body, label) {
+  $("preview").hidden = true;
+  $("progress-text").textContent = "";
   const accepted = await postJson("/jobs", body);
   state.job = accepted.id;
-  $("cancel").disabled = false;
+  if (state.stopped) {
+    // Cancel was pressed while the job was being created.
+    await api(`/jobs/${encodeURIComponent(accepted.id)}`, { method: "DELETE" }).catch(() => {});
+  }
   try {
     const end = await follow(accepted.id, body.steps || state.props.steps?.default || 20, label);
     if (end.cancelled) {
@@ -379,6 +415,7 @@ function card(result, index, title) {
   const use = document.createElement("button");
   use.type = "button";
   use.textContent = "Use as guide";
+  use.setAttribute("aria-label", `Use the image with seed ${img.seed} as the guide`);
   use.addEventListener("click", async () => {
     await setGuide(fromBase64(img.data, mime), `seed ${img.seed}`);
     window.scrollTo({ top: 0, behavior: "smooth" });
@@ -391,9 +428,13 @@ function card(result, index, title) {
 
 function setBusy(busy) {
   state.busy = busy;
+  // Keep keyboard focus on a button that stays enabled.
+  const focused = document.activeElement;
   $("generate").disabled = busy;
   $("sweep").disabled = busy;
   $("cancel").disabled = !busy;
+  if (busy && (focused === $("generate") || focused === $("sweep"))) $("cancel").focus();
+  if (!busy && focused === $("cancel")) $("generate").focus();
   if (!busy) {
     $("progress").value = 0;
   }
@@ -403,8 +444,14 @@ async function generate() {
   if (!state.guide) { showError(new Error("Pick a guide image first.")); return; }
   showError(null);
   state.stopped = false;
+  let body;
+  try {
+    body = requestBody();
+  } catch (e) {
+    showError(e);
+    return;
+  }
   setBusy(true);
-  const body = requestBody();
   try {
     const result = await runJob(body, "Generating");
     if (result) {
@@ -424,8 +471,14 @@ async function sweep() {
   if (!state.guide) { showError(new Error("Pick a guide image first.")); return; }
   showError(null);
   state.stopped = false;
+  let base;
+  try {
+    base = requestBody();
+  } catch (e) {
+    showError(e);
+    return;
+  }
   setBusy(true);
-  const base = requestBody();
   base.num_images = 1;
   if (base.seed === undefined) base.seed = randomSeed();
   const row = $("sweep-row");
@@ -474,7 +527,10 @@ function setup() {
   $("sweep").addEventListener("click", sweep);
   $("cancel").addEventListener("click", cancel);
   $("api-key").addEventListener("change", () => {
-    sessionStorage.setItem("lumen-key", $("api-key").value);
+    const key = $("api-key").value.trim();
+    if (key === state.key) return;
+    state.key = key;
+    sessionStorage.setItem("lumen-key", key);
     loadServer();
   });
   $("api-key").addEventListener("keydown", (ev) => {
@@ -485,7 +541,8 @@ function setup() {
     }
   });
   const saved = sessionStorage.getItem("lumen-key");
-  if (saved) $("api-key").value = saved;
+  if (saved) $("api-key").value = state.key = saved;
+  $("seed").disabled = $("seed-random").checked;
   loadServer();
 }
 
