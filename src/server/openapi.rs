@@ -223,9 +223,14 @@ pub fn document_with(limits: &Limits, bounds: Option<&Bounds>, deployment: Deplo
         }
     }
     if deployment.keyed && deployment.protect_all {
-        doc["paths"]["/metrics"]["get"]["security"] = json!([{"bearer": []}, {"api_key": []}]);
+        doc["paths"]["/metrics"]["get"]["security"] = key_required();
     }
     doc
+}
+
+/// An operation's security when the key is needed: either scheme.
+fn key_required() -> Value {
+    json!([{"bearer": []}, {"api_key": []}])
 }
 
 /// A binary answer's schema.
@@ -246,7 +251,7 @@ fn operation_extras(op: &mut Value, keyed: bool) {
     };
     if o.contains_key("security") {
         if keyed {
-            o.insert("security".into(), json!([{"bearer": []}, {"api_key": []}]));
+            o.insert("security".into(), key_required());
         } else {
             o.remove("security");
         }

@@ -137,8 +137,6 @@ pub async fn image(
     State(state): State<Arc<AppState>>,
     Path((id, index)): Path<(String, String)>,
 ) -> ApiResult<Response> {
-    use axum::http::{header, HeaderValue};
-    use axum::response::IntoResponse;
     // An integer of any size is an index (one past the images is 404); what
     // is not an integer is a bad request, answered in JSON.
     if index.is_empty() || !index.bytes().all(|b| b.is_ascii_digit()) {
@@ -175,17 +173,9 @@ pub async fn image(
         img["data"].as_str().unwrap_or_default(),
     )
     .map_err(|e| Error::Internal(format!("a stored image is not base64: {e}")))?;
-    let mut res = ([(header::CONTENT_TYPE, format.mime())], bytes).into_response();
-    let headers = res.headers_mut();
-    if let Some(seed) = img["seed"].as_u64() {
-        headers.insert("x-lumen-seed", HeaderValue::from(seed));
-    }
-    if let Some(score) = img["score"].as_f64() {
-        if let Ok(v) = HeaderValue::from_str(&(score as f32).to_string()) {
-            headers.insert("x-lumen-score", v);
-        }
-    }
-    Ok(res)
+    let seed = img["seed"].as_u64().unwrap_or_default();
+    let score = img["score"].as_f64().map(|s| s as f32);
+    Ok(super::raw_image(format.mime(), bytes, seed, score))
 }
 
 #[derive(Debug, Default, utoipa::IntoParams)]

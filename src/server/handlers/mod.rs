@@ -126,3 +126,14 @@ async fn blocking<T: Send + 'static>(
 fn binary(mime: &'static str, bytes: Vec<u8>) -> Response {
     ([(header::CONTENT_TYPE, mime)], bytes).into_response()
 }
+
+/// One generated image as a raw answer: its bytes, its seed in
+/// `x-lumen-seed`, its score (when asked for) in `x-lumen-score`.
+fn raw_image(mime: &'static str, bytes: Vec<u8>, seed: u64, score: Option<f32>) -> Response {
+    let mut res = binary(mime, bytes);
+    res.headers_mut().insert("x-lumen-seed", seed.into());
+    if let Some(v) = score.and_then(|s| header::HeaderValue::from_str(&s.to_string()).ok()) {
+        res.headers_mut().insert("x-lumen-score", v);
+    }
+    res
+}

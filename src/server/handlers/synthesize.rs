@@ -13,7 +13,7 @@ use axum::Json;
 
 use tokio::sync::oneshot;
 
-use super::{answer, binary, blocking, missing_image, resolve_guide, submit, GuideLayout};
+use super::{answer, blocking, missing_image, raw_image, resolve_guide, submit, GuideLayout};
 use crate::error::{Error, Result};
 use crate::pipeline::layout_id;
 use crate::pipeline::output::OutputFormat;
@@ -345,14 +345,7 @@ impl Answer {
                 .into_iter()
                 .next()
                 .ok_or_else(|| Error::Internal("no image was generated".into()))?;
-            let mut res = binary(mime, bytes);
-            res.headers_mut().insert("x-lumen-seed", seed.into());
-            if let Some(score) = score {
-                if let Ok(v) = axum::http::HeaderValue::from_str(&score.to_string()) {
-                    res.headers_mut().insert("x-lumen-score", v);
-                }
-            }
-            return Ok(res);
+            return Ok(raw_image(mime, bytes, seed, score));
         }
         Ok(Json(self.json()).into_response())
     }

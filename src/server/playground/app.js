@@ -440,18 +440,26 @@ function setBusy(busy) {
   }
 }
 
-async function generate() {
-  if (!state.guide) { showError(new Error("Pick a guide image first.")); return; }
+// The start of a run: the request body from the controls, the page busy;
+// null (with the error shown) when the controls do not make a request.
+function beginRun() {
   showError(null);
-  state.stopped = false;
+  if (!state.guide) { showError(new Error("Pick a guide image first.")); return null; }
   let body;
   try {
     body = requestBody();
   } catch (e) {
     showError(e);
-    return;
+    return null;
   }
+  state.stopped = false;
   setBusy(true);
+  return body;
+}
+
+async function generate() {
+  const body = beginRun();
+  if (!body) return;
   try {
     const result = await runJob(body, "Generating");
     if (result) {
@@ -468,17 +476,8 @@ async function generate() {
 }
 
 async function sweep() {
-  if (!state.guide) { showError(new Error("Pick a guide image first.")); return; }
-  showError(null);
-  state.stopped = false;
-  let base;
-  try {
-    base = requestBody();
-  } catch (e) {
-    showError(e);
-    return;
-  }
-  setBusy(true);
+  const base = beginRun();
+  if (!base) return;
   base.num_images = 1;
   if (base.seed === undefined) base.seed = randomSeed();
   const row = $("sweep-row");
