@@ -4,19 +4,25 @@
 #   2. the base: random DINOv2 encoder (patch 4) and CLIP text encoder, tokenizer, scheduler
 #   3. the VAE, 4. the text-to-image UNet        (lumen-train shapes vae|unet)
 #   5. the PCA basis (Kmax 8) and the layouts    (lumen fit-pca, lumen layouts)
-#   6. the LUMEN ControlNet with random-K truncation (lumen-train controlnet)
+#   6. the LUMEN ControlNet with random-K truncation (lumen-train controlnet),
+#      then trained further with timesteps drawn towards the noisy end (tune)
 #   7. the model folder in f16                   (lumen-train shapes pack)
 # Resumable: rerun after an interruption; finished stages are skipped and the
 # trainers resume from their last checkpoint. Every invocation's CPU time
 # (user + sys) and wall time go to $WORK/times.tsv; the totals are printed at
 # the end. Environment: WORK (default target/shapes), PY (a python with the
-# training package, default training/.venv/bin/python), OUT (default models/shapes).
+# training package, default training/.venv/bin/python), OUT (default models/shapes),
+# LUMEN (the lumen binary, default target/release/lumen, built if missing),
+# UNTIL (stop after the stage of that name), BASE_FROM (a packed model folder,
+# e.g. models/shapes: its encoder, text encoder, VAE, UNet, PCA basis and
+# ControlNet are reused in float32; only the layouts and the tune stage run),
+# TUNE_STEPS (default 3000).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${WORK:-target/shapes}
 PY=${PY:-training/.venv/bin/python}
 OUT=${OUT:-models/shapes}
-LUMEN=target/release/lumen
+LUMEN=${LUMEN:-target/release/lumen}
 mkdir -p "$WORK/done"
 [ -x "$LUMEN" ] || cargo build --release --locked --quiet
 
@@ -31,21 +37,43 @@ stage() {
     echo "== $name"
     /usr/bin/time -f "$name\t%U\t%S\t%e" -a -o "$WORK/times.tsv" "$@"
     touch "$WORK/done/$name"
+    if [ "${UNTIL:-}" = "$name" ]; then
+        echo "== stopped after $name (UNTIL)"
+        exit 0
+    fi
 }
-train=(env PYTHONPATH=training/src "$PY" -m lumen_train)
+# Threads that wait passively: busy-waiting OpenMP threads lose half their
+# speed when anything else runs on these cores.
+train=(env PYTHONPATH=training/src OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}" "$PY" -m lumen_train)
 
 stage world "${train[@]}" shapes world --out "$WORK/images" --count 20000 --seed 0
-stage base "${train[@]}" shapes base --out "$WORK/base" --seed 0
-stage vae "${train[@]}" shapes vae --models "$WORK/base" --work "$WORK/vae-run" --steps 2000 --batch-size 16
-stage unet "${train[@]}" shapes unet --models "$WORK/base" --work "$WORK/unet-run" --steps 3000 --batch-size 32
-stage pca "$LUMEN" fit-pca --models "$WORK/base" --images "$WORK/images" --components 8 \
-    --max-images 5000 --out "$WORK/base/pca.safetensors" --quiet
+if [ -n "${BASE_FROM:-}" ]; then
+    stage reuse "${train[@]}" shapes unpack --model "$BASE_FROM" --out "$WORK/base"
+else
+    stage base "${train[@]}" shapes base --out "$WORK/base" --seed 0
+    stage vae "${train[@]}" shapes vae --models "$WORK/base" --work "$WORK/vae-run" --steps 2000 --batch-size 16
+    stage unet "${train[@]}" shapes unet --models "$WORK/base" --work "$WORK/unet-run" --steps 3000 --batch-size 32
+    stage pca "$LUMEN" fit-pca --models "$WORK/base" --images "$WORK/images" --components 8 \
+        --max-images 5000 --out "$WORK/base/pca.safetensors" --quiet
+fi
 stage layouts "$LUMEN" layouts --models "$WORK/base" --images "$WORK/images" --out "$WORK/layouts" --quiet
-stage controlnet "${train[@]}" controlnet --models "$WORK/base" --data "$WORK/layouts" --images "$WORK/images" \
-    --output "$WORK/model" --resolution 64 --batch-size 32 --lr 2e-4 --max-steps 8000 \
-    --checkpoint-every 250 --validate-every 1000 --k-distribution uniform --caption-dropout 0.5 \
-    --seed 0 --log-every 50 --resume
-stage pack "${train[@]}" shapes pack --model "$WORK/model" --out "$OUT"
+if [ -n "${BASE_FROM:-}" ]; then
+    FROM=$BASE_FROM/controlnet
+else
+    stage controlnet "${train[@]}" controlnet --models "$WORK/base" --data "$WORK/layouts" --images "$WORK/images" \
+        --output "$WORK/model" --resolution 64 --batch-size 32 --lr 2e-4 --max-steps 8000 \
+        --checkpoint-every 250 --validate-every 1000 --k-distribution uniform --caption-dropout 0.5 \
+        --seed 0 --log-every 50 --resume
+    FROM=$WORK/model/controlnet
+fi
+# Then further with timesteps drawn towards the noisy end, where sampling
+# decides the layout (the failures of the uniform-only model: seeds that
+# lose the guide, small shapes that vanish).
+stage tune "${train[@]}" controlnet --models "$WORK/base" --data "$WORK/layouts" --images "$WORK/images" \
+    --output "$WORK/tuned" --init-controlnet "$FROM" --resolution 64 --batch-size 32 --lr 1e-4 \
+    --max-steps "${TUNE_STEPS:-3000}" --checkpoint-every 250 --validate-every 1000 --k-distribution uniform \
+    --caption-dropout 0.5 --timestep-sampling cubic --seed 1 --log-every 50 --resume
+stage pack "${train[@]}" shapes pack --model "$WORK/tuned" --out "$OUT"
 awk -F'\t' '{u[$1]+=$2; s[$1]+=$3; w[$1]+=$4; U+=$2; S+=$3; W+=$4}
     END {for (k in u) printf "%-11s cpu %8.0f s  wall %7.0f s\n", k, u[k]+s[k], w[k];
          printf "%-11s cpu %8.0f s  wall %7.0f s\n", "total", U+S, W}' "$WORK/times.tsv"

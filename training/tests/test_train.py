@@ -172,3 +172,60 @@ def test_mixed_precision_and_gradient_checkpointing_train_and_export(images, lay
     for mp in ("fp16", "bf16"):
         assert runs[mp, False]["weights_sha256"] == runs[mp, True]["weights_sha256"]
     assert all(0.1 < run["last_loss"] < 10 for run in runs.values())
+
+
+def test_cubic_timesteps_favour_the_noisy_end_and_cover_every_step():
+    from lumen_train.train import timesteps
+
+    steps = 1000
+    uniform = timesteps(200_000, steps, "uniform", torch.Generator().manual_seed(0))
+    cubic = timesteps(200_000, steps, "cubic", torch.Generator().manual_seed(0))
+    for t in (uniform, cubic):
+        assert int(t.min()) == 0 and int(t.max()) == steps - 1
+    # P(t >= T/2) = 1 - 0.5^(1/3) under cubic; 0.5 under uniform.
+    assert abs(float((uniform >= steps // 2).double().mean()) - 0.5) < 0.01
+    assert abs(float((cubic >= steps // 2).double().mean()) - 0.5 ** (1 / 3)) < 0.01
+    # The same generator state gives the same draw (resumed runs repeat it).
+    again = timesteps(200_000, steps, "cubic", torch.Generator().manual_seed(0))
+    assert torch.equal(cubic, again)
+
+
+def test_training_can_start_from_a_trained_controlnet(images, layouts, tmp_path):
+    from lumen_train.data import ExportError
+    from lumen_train.train import initial_controlnet
+
+    first = tmp_path / "first"
+    summary = summaries(train(base_args(images, layouts, first, max_steps=2)).stdout)[0]
+    frozen = Frozen(TINY, torch.device("cpu"))
+    kmax = LayoutsExport(layouts).kmax
+    start = initial_controlnet(frozen, kmax, first / "controlnet")
+    assert weights_sha256(start) == summary["weights_sha256"]
+    # Two more steps from there: a different run than two from the UNet copy.
+    second = summaries(
+        train(
+            base_args(
+                images,
+                layouts,
+                tmp_path / "second",
+                max_steps=2,
+                init_controlnet=first / "controlnet",
+                timestep_sampling="cubic",
+            )
+        ).stdout
+    )[0]
+    assert second["weights_sha256"] not in (
+        summary["weights_sha256"],
+        weights_sha256(new_controlnet(frozen, kmax)),
+    )
+    # A ControlNet for another Kmax, or no ControlNet at all, is named.
+    other = ControlNetModel.from_unet(
+        frozen.unet, conditioning_channels=kmax + 1, conditioning_embedding_out_channels=(16, 32, 96)
+    )
+    other.save_pretrained(tmp_path / "other")
+    for folder, needle in ((tmp_path / "other", "conditioning_channels"), (tmp_path, "no config.json")):
+        try:
+            initial_controlnet(frozen, kmax, folder)
+        except ExportError as e:
+            assert needle in str(e) and str(folder) in str(e)
+        else:
+            raise AssertionError(f"{folder}: accepted")

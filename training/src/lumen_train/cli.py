@@ -4,12 +4,13 @@
                 [--resolution 512] [--batch-size 4] [--grad-accum 1] [--lr 1e-5] [--max-steps 1000]
                 [--mixed-precision no|fp16|bf16] [--gradient-checkpointing] [--checkpoint-every 500]
                 [--resume] [--validate-every 0] [--k-distribution uniform|low|high|full]
-                [--caption-dropout 0.5] [--seed 0]
+                [--caption-dropout 0.5] [--timestep-sampling uniform|cubic]
+                [--init-controlnet DIR] [--seed 0]
 
 BASE_DIR is the lumen model folder the layouts were exported with (`lumen
 layouts --models BASE_DIR`); OUT_DIR becomes a complete lumen model folder.
 
-    lumen-train shapes world|base|vae|unet|pack|evaluate ...
+    lumen-train shapes world|dataset|base|vae|unet|pack|unpack|evaluate|downstream ...
 
 The shapes world and the stages that make and measure lumen's embedded model
 (scripts/train_shapes.sh runs them in order).
@@ -53,6 +54,17 @@ def parser() -> argparse.ArgumentParser:
         help="how K is drawn per sample (full: no truncation)",
     )
     c.add_argument("--caption-dropout", type=float, default=0.5, help="probability of an empty prompt")
+    c.add_argument(
+        "--timestep-sampling",
+        choices=["uniform", "cubic"],
+        default="uniform",
+        help="how training timesteps are drawn (cubic: more weight where the noise is high)",
+    )
+    c.add_argument(
+        "--init-controlnet",
+        type=Path,
+        help="start from this trained ControlNet folder instead of a copy of the UNet",
+    )
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--log-every", type=int, default=10)
     shapes = sub.add_parser("shapes", help="the shapes world and its embedded model (see lumen_train.shapes)")
@@ -81,14 +93,39 @@ def parser() -> argparse.ArgumentParser:
     k = ss.add_parser("pack", help="a trained model folder as the committed one: f16 weights, no checkpoints")
     k.add_argument("--model", type=Path, required=True)
     k.add_argument("--out", type=Path, required=True)
+    u = ss.add_parser(
+        "unpack", help="a packed model folder's base parts in float32 (to retrain its ControlNet)"
+    )
+    u.add_argument("--model", type=Path, required=True)
+    u.add_argument("--out", type=Path, required=True)
     e = ss.add_parser("evaluate", help="fidelity and diversity by K on held-out guides (a markdown table)")
     e.add_argument("--lumen", type=Path, default=Path("target/release/lumen"), help="the lumen binary")
     e.add_argument("--models", type=Path, help="model folder (default: the binary's embedded model)")
-    e.add_argument("--guides", type=int, default=12, help="held-out guides (split seed 1)")
-    e.add_argument("--seeds", type=int, default=3, help="images per guide, K and prompt")
+    e.add_argument("--guides", type=int, default=50, help="held-out guides (split seed 1)")
+    e.add_argument("--seeds", type=int, default=2, help="images per guide, K and prompt")
     e.add_argument("--components", default="1,2,3,4,5,6,7,8", help="the Ks, comma-separated")
     e.add_argument("--keep", type=Path, help="also write each guide's outputs here")
     e.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    ds = ss.add_parser(
+        "downstream", help="does lumen's data help a segmentation model? (real vs real + lumen vs classic)"
+    )
+    ds.add_argument(
+        "--work", type=Path, required=True, help="datasets, augment output, runs.jsonl (resumable)"
+    )
+    ds.add_argument("--lumen", type=Path, default=Path("target/release/lumen"), help="the lumen binary")
+    ds.add_argument("--models", type=Path, help="model folder (default: the binary's embedded model)")
+    ds.add_argument("--sizes", default="16,64,256", help="the Ns: real labelled images, comma-separated")
+    ds.add_argument("--seeds", type=int, default=3, help="training seeds per condition and N")
+    ds.add_argument("--test", type=int, default=500, help="held-out real test images")
+    ds.add_argument("--per-image", type=int, default=2, help="lumen augment variants per image and K")
+    ds.add_argument("--components", default="2,8", help="lumen augment --components")
+    ds.add_argument(
+        "--min-score", type=float, action="append", help="filtered conditions (repeatable; default 0.6)"
+    )
+    ds.add_argument("--steps", type=int, default=1000, help="training steps, every condition")
+    ds.add_argument("--batch-size", type=int, default=32)
+    ds.add_argument("--real-fraction", type=float, default=0.5, help="real share of a mixed batch")
+    ds.add_argument("--json", type=Path, help="also write the result as JSON here")
     return p
 
 
@@ -117,6 +154,31 @@ def shapes(a: argparse.Namespace) -> None:
         from lumen_train.shapes.pack import pack
 
         print(json.dumps(pack(a.model, a.out)))
+        return
+    if a.stage == "downstream":
+        from lumen_train.shapes.downstream import Budget, markdown, study
+
+        result = study(
+            a.work,
+            a.lumen,
+            a.models,
+            sizes=tuple(int(n) for n in a.sizes.split(",")),
+            seeds=a.seeds,
+            test_count=a.test,
+            per_image=a.per_image,
+            components=a.components,
+            min_scores=tuple(a.min_score or [0.6]),
+            budget=Budget(a.steps, a.batch_size, real_fraction=a.real_fraction),
+            log=lambda line: print(line, file=sys.stderr, flush=True),
+        )
+        if a.json:
+            a.json.write_text(json.dumps(result, indent=1) + "\n")
+        print(markdown(result))
+        return
+    if a.stage == "unpack":
+        from lumen_train.shapes.pack import unpack
+
+        print(json.dumps(unpack(a.model, a.out)))
         return
     if a.stage == "evaluate":
         from lumen_train.shapes.evaluate import evaluate, markdown, to_json

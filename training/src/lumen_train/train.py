@@ -47,6 +47,8 @@ class Options:
     validation_steps: int = 20
     k_distribution: str = "uniform"
     caption_dropout: float = 0.5
+    timestep_sampling: str = "uniform"
+    init_controlnet: Path | None = None
     seed: int = 0
     log_every: int = 10
 
@@ -122,14 +124,47 @@ def new_controlnet(frozen: Frozen, kmax: int) -> ControlNetModel:
     )
 
 
-def loss_of(frozen: Frozen, controlnet: ControlNetModel, batch: dict, generator: torch.Generator):
+def timesteps(n: int, steps: int, sampling: str, generator: torch.Generator) -> torch.Tensor:
+    """`n` training timesteps in 0..steps-1. `uniform`: each equally likely.
+    `cubic`: t = (1 - u^3) * steps for uniform u, which favours the noisy
+    end (P(t >= steps/2) = 0.79) where sampling decides the layout, as
+    T2I-Adapter trains its adapters; every timestep keeps some weight."""
+    if sampling == "uniform":
+        return torch.randint(0, steps, (n,), generator=generator)
+    if sampling == "cubic":
+        u = torch.rand(n, generator=generator, dtype=torch.float64)
+        return ((1 - u**3) * steps).long().clamp(0, steps - 1)
+    raise ValueError(f"timestep sampling {sampling!r}: uniform or cubic")
+
+
+def initial_controlnet(frozen: Frozen, kmax: int, init: Path | None) -> ControlNetModel:
+    """From the frozen UNet, or from a trained ControlNet (`--init-controlnet`:
+    to train an existing model further, e.g. with another timestep sampling)."""
+    if init is None:
+        return new_controlnet(frozen, kmax)
+    if not (init / "config.json").is_file():
+        raise ExportError(f"{init}: not a diffusers ControlNet folder (no config.json)")
+    net = ControlNetModel.from_pretrained(init, torch_dtype=torch.float32)
+    if net.config.conditioning_channels != kmax:
+        raise ExportError(
+            f"{init / 'config.json'}: conditioning_channels {net.config.conditioning_channels}, "
+            f"but the layouts have Kmax {kmax}"
+        )
+    return net
+
+
+def loss_of(
+    frozen: Frozen,
+    controlnet: ControlNetModel,
+    batch: dict,
+    generator: torch.Generator,
+    sampling: str = "uniform",
+):
     """The denoising loss of one micro-batch, with noise and timesteps from `generator`."""
     device = frozen.unet.device
     latents = frozen.latents(batch["pixel_values"], generator)
     noise = torch.randn(latents.shape, generator=generator).to(latents)
-    t = torch.randint(
-        0, frozen.scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator
-    )
+    t = timesteps(latents.shape[0], frozen.scheduler.config.num_train_timesteps, sampling, generator)
     t = t.to(device)
     noisy = frozen.scheduler.add_noise(latents, noise, t)
     text = frozen.text_encoder(batch["input_ids"].to(device))[0]
@@ -197,7 +232,7 @@ def train(o: Options) -> dict:
     plan = Plan(samples, o.batch_size, rank, world)
 
     torch.manual_seed(o.seed)
-    controlnet = new_controlnet(frozen, export.kmax)
+    controlnet = initial_controlnet(frozen, export.kmax, o.init_controlnet)
     frozen.cast(weight_dtype)
     if o.gradient_checkpointing:
         controlnet.enable_gradient_checkpointing()
@@ -222,7 +257,8 @@ def train(o: Options) -> dict:
             micro = step * o.grad_accum + j
             batch = samples.batch(plan.indices(micro), micro, frozen.tokenize)
             with accelerator.accumulate(controlnet):
-                loss = loss_of(frozen, controlnet, batch, micro_generator(o.seed, micro, rank))
+                generator = micro_generator(o.seed, micro, rank)
+                loss = loss_of(frozen, controlnet, batch, generator, o.timestep_sampling)
                 accelerator.backward(loss)
                 optimizer.step()
                 optimizer.zero_grad()

@@ -39,3 +39,30 @@ def pack(model: Path, out: Path) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return {"out": str(out), "bytes": sum(sizes.values()), "by_part": sizes}
+
+
+def unpack(model: Path, out: Path, leave_out: frozenset[str] = frozenset({"controlnet"})) -> dict:
+    """The reverse for training on: a packed model folder's parts (less
+    `leave_out`) with every floating-point weight in float32 (exact: f16 ->
+    f32 loses nothing), for a ControlNet retrained on the committed base."""
+    model, out = Path(model), Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    parts = set()
+    for src in sorted(model.rglob("*")):
+        rel = src.relative_to(model)
+        if src.is_dir() or rel.parts[0] in leave_out | LEFT_OUT:
+            continue
+        dst = tmp / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.suffix == ".safetensors":
+            tensors = {
+                k: v.to(torch.float32) if v.is_floating_point() else v for k, v in load_file(src).items()
+            }
+            save_file(tensors, dst, metadata={"format": "pt"})
+        else:
+            shutil.copy2(src, dst)
+        parts.add(rel.parts[0])
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return {"out": str(out), "parts": sorted(parts)}
