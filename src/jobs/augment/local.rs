@@ -12,7 +12,8 @@ use std::time::Instant;
 
 use candle_core::Device;
 
-use super::{Dispatch, Generated, Outcome, Task};
+use super::dispatch::{Dispatch, Generated, Outcome};
+use super::plan::Task;
 use crate::error::{Error, Result};
 use crate::guide;
 use crate::model_folder::ModelSource;

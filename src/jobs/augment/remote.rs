@@ -28,7 +28,8 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use serde_json::Value;
 
-use super::{Dispatch, Generated, Outcome, Task};
+use super::dispatch::{Dispatch, Generated, Outcome};
+use super::plan::Task;
 use crate::error::{Error, Result};
 use crate::pipeline::request::{SynthesisParameters, SynthesisRequest};
 
