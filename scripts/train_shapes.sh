@@ -16,7 +16,7 @@
 # UNTIL (stop after the stage of that name), BASE_FROM (a packed model folder,
 # e.g. models/shapes: its encoder, text encoder, VAE, UNet, PCA basis and
 # ControlNet are reused in float32; only the layouts and the tune stage run),
-# TUNE_STEPS (default 3000).
+# TUNE_STEPS (default 1000).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${WORK:-target/shapes}
@@ -71,7 +71,7 @@ fi
 # lose the guide, small shapes that vanish).
 stage tune "${train[@]}" controlnet --models "$WORK/base" --data "$WORK/layouts" --images "$WORK/images" \
     --output "$WORK/tuned" --init-controlnet "$FROM" --resolution 64 --batch-size 32 --lr 1e-4 \
-    --max-steps "${TUNE_STEPS:-3000}" --checkpoint-every 250 --validate-every 1000 --k-distribution uniform \
+    --max-steps "${TUNE_STEPS:-1000}" --checkpoint-every 250 --validate-every 1000 --k-distribution uniform \
     --caption-dropout 0.5 --timestep-sampling cubic --seed 1 --log-every 50 --resume
 stage pack "${train[@]}" shapes pack --model "$WORK/tuned" --out "$OUT"
 awk -F'\t' '{u[$1]+=$2; s[$1]+=$3; w[$1]+=$4; U+=$2; S+=$3; W+=$4}

@@ -31,6 +31,14 @@ pub struct LumenSettings {
     pub default_size: Option<u32>,
     /// Classifier-free guidance scale when a request names none (default 7.5).
     pub default_guidance_scale: Option<f64>,
+    /// Weight of the ControlNet's residuals when a request names none (default 1).
+    pub default_control_scale: Option<f64>,
+    /// The output sides the model supports (the sizes it was trained at):
+    /// requests for a side below `min_size` or above `max_size` are refused
+    /// (default: any multiple of the size multiple up to the deployment's
+    /// `--max-side`).
+    pub min_size: Option<u32>,
+    pub max_size: Option<u32>,
 }
 
 impl Default for LumenSettings {
@@ -42,6 +50,9 @@ impl Default for LumenSettings {
             default_steps: None,
             default_size: None,
             default_guidance_scale: None,
+            default_control_scale: None,
+            min_size: None,
+            max_size: None,
         }
     }
 }
@@ -60,6 +71,8 @@ impl LumenSettings {
             ("default_components", settings.default_components),
             ("default_steps", settings.default_steps),
             ("default_size", settings.default_size.map(|s| s as usize)),
+            ("min_size", settings.min_size.map(|s| s as usize)),
+            ("max_size", settings.max_size.map(|s| s as usize)),
         ] {
             if value == Some(0) {
                 return Err(Error::model_file(
@@ -68,13 +81,30 @@ impl LumenSettings {
                 ));
             }
         }
-        if let Some(g) = settings.default_guidance_scale {
-            if !g.is_finite() || g.abs() > MAX_ABS_SCALE {
+        let (min, max) = (
+            settings.min_size.unwrap_or(1),
+            settings.max_size.unwrap_or(u32::MAX),
+        );
+        if min > max {
+            return Err(Error::model_file(
+                src.path(LumenSettings::FILE),
+                format!("min_size {min} is above max_size {max}"),
+            ));
+        }
+        if let Some(d) = settings.default_size.filter(|d| !(min..=max).contains(d)) {
+            return Err(Error::model_file(
+                src.path(LumenSettings::FILE),
+                format!("default_size {d} is outside min_size..=max_size ({min}..={max})"),
+            ));
+        }
+        for (field, value) in [
+            ("default_guidance_scale", settings.default_guidance_scale),
+            ("default_control_scale", settings.default_control_scale),
+        ] {
+            if let Some(g) = value.filter(|g| !g.is_finite() || g.abs() > MAX_ABS_SCALE) {
                 return Err(Error::model_file(
                     src.path(LumenSettings::FILE),
-                    format!(
-                        "default_guidance_scale {g} is not a finite number within ±{MAX_ABS_SCALE}"
-                    ),
+                    format!("{field} {g} is not a finite number within ±{MAX_ABS_SCALE}"),
                 ));
             }
         }

@@ -360,6 +360,14 @@ fn broken_model_folders_name_the_file_and_the_fault() {
             r#"{"default_guidance_scale": 1e9}"#,
             "default_guidance_scale",
         ),
+        (
+            r#"{"min_size": 128, "max_size": 64}"#,
+            "min_size 128 is above max_size 64",
+        ),
+        (
+            r#"{"default_size": 256, "max_size": 128}"#,
+            "default_size 256 is outside min_size..=max_size",
+        ),
     ] {
         let m = tiny_copy();
         std::fs::write(m.path().join("lumen.json"), settings).unwrap();

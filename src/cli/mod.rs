@@ -14,7 +14,6 @@ use std::path::{Path, PathBuf};
 use clap::{Args, Parser, Subcommand};
 
 use crate::error::{Error, Result};
-use crate::pipeline::request::limits::DEFAULT_CONTROL_SCALE;
 use crate::pipeline::request::SynthesisRequest;
 use crate::server::ServeArgs;
 
@@ -80,9 +79,9 @@ pub struct SamplingArgs {
     /// Classifier-free guidance scale (default: lumen.json, else 7.5); at most 1 skips the unconditional pass.
     #[arg(long, env = "LUMEN_GUIDANCE")]
     pub guidance: Option<f64>,
-    /// Weight of the ControlNet's residuals.
-    #[arg(long, env = "LUMEN_CONTROL_SCALE", default_value_t = DEFAULT_CONTROL_SCALE)]
-    pub control_scale: f64,
+    /// Weight of the ControlNet's residuals (default: lumen.json, else 1).
+    #[arg(long, env = "LUMEN_CONTROL_SCALE")]
+    pub control_scale: Option<f64>,
     /// ddim, euler or dpmpp-2m; default: the model folder's scheduler if lumen has it, else dpmpp-2m.
     #[arg(long, env = "LUMEN_SCHEDULER")]
     pub scheduler: Option<String>,
@@ -113,7 +112,7 @@ impl SamplingArgs {
             layout_size: self.layout_size,
             steps: self.steps,
             guidance_scale: self.guidance,
-            control_scale: Some(self.control_scale),
+            control_scale: self.control_scale,
             scheduler: self.scheduler.clone(),
             width: self.width,
             height: self.height,

@@ -70,13 +70,16 @@ def test_resume_reproduces_the_uninterrupted_run(images, layouts, tmp_path):
     )[0]
     cut = tmp_path / "b"
     train(base_args(images, layouts, cut, max_steps=3, checkpoint_every=3, grad_accum=2))
-    assert json.loads((cut / "checkpoints/step-000003/train_state.json").read_text())["step"] == 3
+    state = json.loads((cut / "checkpoints/step-000003/train_state.json").read_text())
+    assert state["step"] == 3 and state["seconds"] > 0 and state["cpu_seconds"] > 0
     resumed = summaries(
         train(
             base_args(images, layouts, cut, max_steps=6, checkpoint_every=3, grad_accum=2, resume=True)
         ).stdout
     )[0]
     assert resumed["steps_this_run"] == 3
+    # Compute time adds up over the runs that made the weights.
+    assert resumed["total"]["cpu_seconds"] > state["cpu_seconds"]
     assert resumed["weights_sha256"] == whole["weights_sha256"]
     # A half-written checkpoint is never picked up.
     (cut / "checkpoints/step-000009.tmp").mkdir()

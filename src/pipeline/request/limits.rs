@@ -143,10 +143,18 @@ pub struct Bounds {
     pub default_long_side: u32,
     /// `lumen.json`'s `default_guidance_scale` (else [`DEFAULT_GUIDANCE_SCALE`]).
     pub default_guidance_scale: f64,
+    /// `lumen.json`'s `default_control_scale` (else [`DEFAULT_CONTROL_SCALE`]).
+    pub default_control_scale: f64,
     /// Output sides are multiples of this.
     pub size_multiple: u32,
-    /// Longest output side: the limit rounded down to the size multiple.
+    /// Shortest output side: `lumen.json`'s `min_size` rounded up to the
+    /// size multiple, else the size multiple.
+    pub min_side: u32,
+    /// Longest output side: the limit, or `lumen.json`'s `max_size` where
+    /// that is less, rounded down to the size multiple.
     pub max_side: u32,
+    /// Whether `max_side` is the model's `max_size` (for the messages).
+    pub max_side_from_model: bool,
     pub default_scheduler: SchedulerKind,
 }
 
@@ -156,15 +164,26 @@ impl Bounds {
     pub fn new(specs: &ModelSpecs, limits: Limits) -> Result<Self> {
         let layout = LayoutBounds::new(&specs.layout, &limits)?;
         let m = specs.synthesis.size_multiple;
-        let max_side = limits.max_side / m * m;
+        let settings = &specs.layout.settings;
+        let max_side_from_model = settings.max_size.is_some_and(|s| s < limits.max_side);
+        let max_side = settings.max_size.unwrap_or(u32::MAX).min(limits.max_side) / m * m;
+        let min_side = settings.min_size.unwrap_or(m).div_ceil(m).max(1) * m;
         if max_side == 0 {
             return Err(Error::param(
                 "max_side",
                 format!("{} is below the model's size multiple {m}", limits.max_side),
             ));
         }
+        if min_side > max_side {
+            return Err(Error::param(
+                "max_side",
+                format!(
+                    "{max_side} is below the model's smallest supported side {min_side} \
+                     (lumen.json min_size, rounded up to the size multiple {m})"
+                ),
+            ));
+        }
         let max_steps = specs.synthesis.max_steps(limits.max_steps);
-        let settings = &specs.layout.settings;
         Ok(Self {
             limits,
             model: specs.model.clone(),
@@ -178,8 +197,13 @@ impl Bounds {
             default_guidance_scale: settings
                 .default_guidance_scale
                 .unwrap_or(DEFAULT_GUIDANCE_SCALE),
+            default_control_scale: settings
+                .default_control_scale
+                .unwrap_or(DEFAULT_CONTROL_SCALE),
             size_multiple: m,
+            min_side,
             max_side,
+            max_side_from_model,
             default_scheduler: specs.synthesis.default_scheduler(),
         })
     }
@@ -232,15 +256,18 @@ impl FieldRule {
 pub fn rules(limits: &Limits, bounds: Option<&Bounds>) -> Vec<FieldRule> {
     let max_steps = bounds.map_or(limits.max_steps, |b| b.max_steps);
     let m = bounds.map(|b| b.size_multiple);
+    let min_side = bounds.map_or(1, |b| b.min_side);
     let max_side = bounds.map_or(limits.max_side, |b| b.max_side);
     let min_layout = bounds.map_or(1, |b| b.layout.min_layout_size);
     // Defaults that depend on the model (lumen.json) are stated only with one.
     let mut scale = FieldRule::new("guidance_scale").range(-MAX_ABS_SCALE, MAX_ABS_SCALE);
     scale.default = bounds.map(|b| json!(b.default_guidance_scale));
+    let mut control = FieldRule::new("control_scale").range(-MAX_ABS_SCALE, MAX_ABS_SCALE);
+    control.default = bounds.map(|b| json!(b.default_control_scale));
     let mut steps = FieldRule::new("steps").range(1.0, max_steps as f64);
     steps.default = bounds.map(|b| json!(b.default_steps));
     let side = |name| {
-        let mut r = FieldRule::new(name).range(m.unwrap_or(1) as f64, max_side as f64);
+        let mut r = FieldRule::new(name).range(min_side as f64, max_side as f64);
         r.multiple_of = m.map(u64::from);
         r
     };
@@ -268,9 +295,7 @@ pub fn rules(limits: &Limits, bounds: Option<&Bounds>) -> Vec<FieldRule> {
         layout_size,
         steps,
         scale,
-        FieldRule::new("control_scale")
-            .range(-MAX_ABS_SCALE, MAX_ABS_SCALE)
-            .default(json!(DEFAULT_CONTROL_SCALE)),
+        control,
         scheduler,
         FieldRule::new("num_images")
             .range(1.0, limits.max_images as f64)

@@ -22,7 +22,7 @@ use crate::pipeline::synthesis::{SynthesisItem, SynthesisSettings};
 pub use crate::pipeline::parameters::SynthesisParameters;
 pub use limits::{rules, Bounds, FieldRule, LayoutBounds, Limits, DEFAULT_LIMITS, MAX_SEED};
 
-use limits::{DEFAULT_CONTROL_SCALE, DEFAULT_NUM_IMAGES, MAX_ABS_SCALE};
+use limits::{DEFAULT_NUM_IMAGES, MAX_ABS_SCALE};
 
 /// A synthesis as a caller asks for it; `None` (or JSON `null`) means "the
 /// default". The guide (an image file, an uploaded image, a `layout_id`) is
@@ -174,12 +174,26 @@ pub fn check_layout_size_within(v: u32, patch: u32, max: u32) -> Result<u32> {
 fn check_side(b: &Bounds, name: &str, v: u32) -> Result<u32> {
     let m = b.size_multiple;
     if v == 0 || !v.is_multiple_of(m) || v > b.max_side {
+        let why = if b.max_side_from_model {
+            " (the model supports no larger side: lumen.json max_size)"
+        } else {
+            ""
+        };
         return Err(Error::param(
             name,
             format!(
                 "{v} must be a positive multiple of {m} (VAE factor × UNet downsampling), \
-                 at most {}",
+                 at most {}{why}",
                 b.max_side
+            ),
+        ));
+    }
+    if v < b.min_side {
+        return Err(Error::param(
+            name,
+            format!(
+                "{v} is below {}, the model's smallest supported side (lumen.json min_size)",
+                b.min_side
             ),
         ));
     }
@@ -190,7 +204,7 @@ fn check_side(b: &Bounds, name: &str, v: u32) -> Result<u32> {
 /// and the guide's aspect ratio; neither: the guide's aspect with the longer
 /// side the model's default (`lumen.json` `default_size`, else 512). Derived
 /// sides are rounded to the size multiple
-/// and kept within `m..=max_side`.
+/// and kept within `min_side..=max_side`.
 pub fn output_size(
     b: &Bounds,
     (sw, sh): (u32, u32),
@@ -198,14 +212,14 @@ pub fn output_size(
     height: Option<u32>,
 ) -> (u32, u32) {
     let m = b.size_multiple;
-    let fit = |x: f64| (((x / m as f64).round() as u32).max(1) * m).min(b.max_side);
+    let fit = |x: f64| (((x / m as f64).round() as u32).max(1) * m).clamp(b.min_side, b.max_side);
     let (sw, sh) = (sw.max(1) as f64, sh.max(1) as f64);
     match (width, height) {
         (Some(w), Some(h)) => (w, h),
         (Some(w), None) => (w, fit(w as f64 * sh / sw)),
         (None, Some(h)) => (fit(h as f64 * sw / sh), h),
         (None, None) => {
-            let long = (b.default_long_side.div_ceil(m) * m).min(b.max_side);
+            let long = (b.default_long_side.div_ceil(m) * m).clamp(b.min_side, b.max_side);
             if sw >= sh {
                 (long, fit(long as f64 * sh / sw))
             } else {
@@ -225,8 +239,9 @@ impl SynthesisRequest {
         self.guidance_scale.unwrap_or(b.default_guidance_scale)
     }
 
-    pub fn control_scale(&self) -> f64 {
-        self.control_scale.unwrap_or(DEFAULT_CONTROL_SCALE)
+    /// The ControlNet's weight: the request's, else the model's default.
+    pub fn control_scale(&self, b: &Bounds) -> f64 {
+        self.control_scale.unwrap_or(b.default_control_scale)
     }
 
     /// The output format (png unless asked otherwise).
@@ -251,7 +266,7 @@ impl SynthesisRequest {
         }
         for (name, v) in [
             ("guidance_scale", self.guidance_scale(b)),
-            ("control_scale", self.control_scale()),
+            ("control_scale", self.control_scale(b)),
         ] {
             if !v.is_finite() || v.abs() > MAX_ABS_SCALE {
                 return Err(Error::param(
@@ -322,7 +337,7 @@ impl SynthesisRequest {
             prompt: self.prompt.clone().unwrap_or_default(),
             negative_prompt: self.negative_prompt.clone().unwrap_or_default(),
             guidance_scale: self.guidance_scale(b),
-            control_scale: self.control_scale(),
+            control_scale: self.control_scale(b),
             seed: self.seed.unwrap_or_else(|| rand::random::<u32>() as u64),
             num_images: self.num_images(),
             format: self.format()?,

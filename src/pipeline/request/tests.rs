@@ -10,8 +10,11 @@ fn bounds() -> Bounds {
         default_steps: limits::DEFAULT_STEPS,
         default_long_side: limits::DEFAULT_LONG_SIDE,
         default_guidance_scale: limits::DEFAULT_GUIDANCE_SCALE,
+        default_control_scale: limits::DEFAULT_CONTROL_SCALE,
         size_multiple: 16,
+        min_side: 16,
         max_side: 2048,
+        max_side_from_model: false,
         layout: LayoutBounds {
             min_layout_size: 14,
             max_layout_size: 2048,
@@ -46,6 +49,7 @@ fn a_models_defaults_come_from_its_lumen_json() {
         default_steps: 20,
         default_long_side: 64,
         default_guidance_scale: 3.0,
+        default_control_scale: 2.0,
         ..bounds()
     };
     let p = request(json!({}))
@@ -53,12 +57,15 @@ fn a_models_defaults_come_from_its_lumen_json() {
         .unwrap();
     assert_eq!(p.settings.steps, 20);
     assert_eq!(p.guidance_scale, 3.0);
+    assert_eq!(p.control_scale, 2.0);
     assert_eq!((p.settings.width, p.settings.height), (64, 48));
-    let given = request(json!({"steps": 5, "guidance_scale": 7.5, "height": 32}))
-        .resolve(&b, &GuideInfo::image((800, 600)))
-        .unwrap();
+    let given =
+        request(json!({"steps": 5, "guidance_scale": 7.5, "control_scale": 1.0, "height": 32}))
+            .resolve(&b, &GuideInfo::image((800, 600)))
+            .unwrap();
     assert_eq!(given.settings.steps, 5);
     assert_eq!(given.guidance_scale, 7.5);
+    assert_eq!(given.control_scale, 1.0);
     assert_eq!((given.settings.width, given.settings.height), (48, 32));
 }
 
@@ -96,6 +103,41 @@ fn a_missing_side_follows_the_guide_aspect() {
         ..bounds()
     };
     assert_eq!(output_size(&small, (800, 600), None, None), (128, 96));
+}
+
+#[test]
+fn sides_outside_the_models_supported_sizes_are_refused() {
+    // lumen.json min_size 48, max_size 64 (below the deployment's --max-side).
+    let b = Bounds {
+        min_side: 48,
+        max_side: 64,
+        max_side_from_model: true,
+        default_long_side: 64,
+        ..bounds()
+    };
+    let guide = GuideInfo::image((64, 64));
+    for (field, body) in [
+        ("width", json!({"width": 128})),
+        ("height", json!({"height": 80})),
+        ("width", json!({"width": 32})),
+        ("height", json!({"height": 16})),
+    ] {
+        match request(body.clone()).resolve(&b, &guide) {
+            Err(Error::InvalidParameter { name, message }) => {
+                assert_eq!(name, field, "{body}");
+                assert!(message.contains("lumen.json"), "{message}");
+            }
+            other => panic!("{body}: expected a `{field}` error, got {other:?}"),
+        }
+    }
+    let p = request(json!({"width": 48})).resolve(&b, &guide).unwrap();
+    assert_eq!((p.settings.width, p.settings.height), (48, 48));
+    // Derived sides stay within the supported ones: a wide guide's short
+    // side is raised to min_size rather than given at a size the model lacks.
+    assert_eq!(output_size(&b, (800, 200), None, None), (64, 48));
+    let rules = rules(&b.limits, Some(&b));
+    let width = rules.iter().find(|r| r.name == "width").unwrap();
+    assert_eq!((width.minimum, width.maximum), (Some(48.0), Some(64.0)));
 }
 
 #[test]

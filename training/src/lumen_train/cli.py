@@ -104,6 +104,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--guides", type=int, default=50, help="held-out guides (split seed 1)")
     e.add_argument("--seeds", type=int, default=2, help="images per guide, K and prompt")
     e.add_argument("--components", default="1,2,3,4,5,6,7,8", help="the Ks, comma-separated")
+    e.add_argument("--size", type=int, help="output side (default: the model's); scored at the guide's size")
+    e.add_argument("--prompts", choices=["both", "caption", "none"], default="both")
     e.add_argument("--keep", type=Path, help="also write each guide's outputs here")
     e.add_argument("--json", type=Path, help="also write the rows as JSON here")
     ds = ss.add_parser(
@@ -125,6 +127,8 @@ def parser() -> argparse.ArgumentParser:
     ds.add_argument("--steps", type=int, default=1000, help="training steps, every condition")
     ds.add_argument("--batch-size", type=int, default=32)
     ds.add_argument("--real-fraction", type=float, default=0.5, help="real share of a mixed batch")
+    ds.add_argument("--runs", type=Path, help="the per-run record (default WORK/runs.jsonl)")
+    ds.add_argument("--extra", default="", help="more `lumen augment` flags, space-separated")
     ds.add_argument("--json", type=Path, help="also write the result as JSON here")
     return p
 
@@ -169,6 +173,8 @@ def shapes(a: argparse.Namespace) -> None:
             components=a.components,
             min_scores=tuple(a.min_score or [0.6]),
             budget=Budget(a.steps, a.batch_size, real_fraction=a.real_fraction),
+            extra=a.extra.split(),
+            runs_path=a.runs,
             log=lambda line: print(line, file=sys.stderr, flush=True),
         )
         if a.json:
@@ -184,7 +190,9 @@ def shapes(a: argparse.Namespace) -> None:
         from lumen_train.shapes.evaluate import evaluate, markdown, to_json
 
         ks = [int(k) for k in a.components.split(",")]
-        rows = evaluate(a.lumen, a.models, a.guides, a.seeds, ks, keep=a.keep)
+        prompts = {"both": (True, False), "caption": (True,), "none": (False,)}[a.prompts]
+        extra = [] if a.size is None else ["--width", str(a.size), "--height", str(a.size)]
+        rows = evaluate(a.lumen, a.models, a.guides, a.seeds, ks, prompts, extra, keep=a.keep)
         if a.json:
             a.json.write_text(to_json(rows) + "\n")
         print(markdown(rows))

@@ -4,7 +4,8 @@ or v-prediction) while the UNet, VAE and text encoder stay frozen; run by
 accelerate (one CPU or GPU process, or many under `accelerate launch`).
 
 Checkpoints (`OUT/checkpoints/step-NNNNNN/`) hold accelerate's state (model,
-optimizer, gradient scaler, RNG) and `train_state.json`; they are written
+optimizer, gradient scaler, RNG) and `train_state.json` (the step, and the
+wall and CPU seconds spent to reach it over every resumed run); they are written
 under a temporary name and renamed, so a resumed run starts from the last
 complete one. The data and the noise of micro-batch m come from (seed, m,
 rank) alone, so a resumed run continues exactly as the uninterrupted one.
@@ -241,16 +242,27 @@ def train(o: Options) -> dict:
     controlnet, optimizer = accelerator.prepare(controlnet, optimizer)
 
     o.output.mkdir(parents=True, exist_ok=True)
-    step = 0
+    step, before = 0, {"seconds": 0.0, "cpu_seconds": 0.0}
     if o.resume:
         ckpt = latest_checkpoint(o.output)
         if ckpt is not None:
             accelerator.load_state(str(ckpt))
-            step = json.loads((ckpt / "train_state.json").read_text())["step"]
+            state = json.loads((ckpt / "train_state.json").read_text())
+            step = state["step"]
+            before = {k: state.get(k, 0.0) for k in before}
             accelerator.print(f"resumed from {ckpt} at step {step}")
 
     losses: list[float] = []
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
+
+    def spent() -> dict:
+        """Training time up to now, over every run that led to this step
+        (wall and this process's CPU seconds; checkpoints carry them)."""
+        return {
+            "seconds": round(before["seconds"] + time.perf_counter() - started, 1),
+            "cpu_seconds": round(before["cpu_seconds"] + time.process_time() - cpu_started, 1),
+        }
+
     steps_this_run = 0
     while step < o.max_steps:
         for j in range(o.grad_accum):
@@ -269,7 +281,7 @@ def train(o: Options) -> dict:
             recent = losses[-o.log_every * o.grad_accum :]
             accelerator.print(f"step {step}/{o.max_steps} loss {sum(recent) / len(recent):.5f}")
         if o.checkpoint_every and (step % o.checkpoint_every == 0 or step == o.max_steps):
-            save_checkpoint(accelerator, o.output, step)
+            save_checkpoint(accelerator, o.output, step, spent())
         if o.validate_every and step % o.validate_every == 0 and accelerator.is_main_process:
             from lumen_train.validate import validation_grid
 
@@ -287,6 +299,7 @@ def train(o: Options) -> dict:
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,
         "weights_sha256": weights_sha256(net),
+        "total": spent(),
         "options": {k: str(v) for k, v in asdict(o).items()},
     }
     logs = o.output / "logs"
@@ -301,7 +314,7 @@ def train(o: Options) -> dict:
     return summary
 
 
-def save_checkpoint(accelerator: Accelerator, output: Path, step: int) -> None:
+def save_checkpoint(accelerator: Accelerator, output: Path, step: int, spent: dict | None = None) -> None:
     """accelerate's state plus the step, under a temporary name, then renamed."""
     final = output / "checkpoints" / f"step-{step:06d}"
     tmp = final.with_suffix(".tmp")
@@ -312,7 +325,7 @@ def save_checkpoint(accelerator: Accelerator, output: Path, step: int) -> None:
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / "train_state.json").write_text(json.dumps({"step": step}))
+        (tmp / "train_state.json").write_text(json.dumps({"step": step, **(spent or {})}))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
     accelerator.wait_for_everyone()

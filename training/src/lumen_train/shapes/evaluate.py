@@ -138,6 +138,8 @@ def evaluate(
                     lumen, models, path, k, caption if with_prompt else "", seeds, out, extra or []
                 )
                 for o in outs:
+                    if o.shape != seg.shape + (3,):  # another output size: compared at the guide's
+                        o = np.asarray(Image.fromarray(o).resize(seg.shape[::-1], Image.NEAREST))
                     s = world.segment(o)
                     fg.append(foreground_iou(seg, s))
                     miou.append(colour_miou(seg, s))

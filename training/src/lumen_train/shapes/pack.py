@@ -1,12 +1,14 @@
 """A trained model folder as the committed one: the diffusion parts (UNet,
 ControlNet, VAE, text encoder) stored in float16, the encoder and the PCA
 basis kept in float32 (the basis was fitted on the float32 encoder's tokens),
-the configs, tokenizer, scheduler and lumen.json copied; training leftovers
-(checkpoints, logs, validation grids) left out. Written next to `out` and
-renamed over it when complete."""
+the configs, tokenizer and scheduler copied, lumen.json with the serving
+settings of `base.SETTINGS` over the trained folder's (its layout size kept);
+training leftovers (checkpoints, logs, validation grids) left out. Written
+next to `out` and renamed over it when complete."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -28,7 +30,15 @@ def pack(model: Path, out: Path) -> dict:
             continue
         dst = tmp / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
-        if src.suffix == ".safetensors" and rel.parts[0] in HALF:
+        if rel == Path("lumen.json"):
+            from lumen_train.shapes.base import SETTINGS
+
+            settings = {**SETTINGS, **{"layout_size": json.loads(src.read_text())["layout_size"]}}
+            dst.write_text(json.dumps(settings, indent=2) + "\n")
+        elif src.name == "config.json" and "_name_or_path" in (config := json.loads(src.read_text())):
+            del config["_name_or_path"]  # where training loaded it from: not part of the model
+            dst.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        elif src.suffix == ".safetensors" and rel.parts[0] in HALF:
             tensors = {
                 k: v.to(torch.float16) if v.is_floating_point() else v for k, v in load_file(src).items()
             }
@@ -55,10 +65,9 @@ def unpack(model: Path, out: Path, leave_out: frozenset[str] = frozenset({"contr
             continue
         dst = tmp / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
-        if src.suffix == ".safetensors":
-            tensors = {
-                k: v.to(torch.float32) if v.is_floating_point() else v for k, v in load_file(src).items()
-            }
+        tensors = load_file(src) if src.suffix == ".safetensors" else {}
+        if any(v.is_floating_point() and v.dtype != torch.float32 for v in tensors.values()):
+            tensors = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in tensors.items()}
             save_file(tensors, dst, metadata={"format": "pt"})
         else:
             shutil.copy2(src, dst)
