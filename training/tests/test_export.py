@@ -40,8 +40,12 @@ def test_shapes_model_serves_the_diffusers_image(lumen, tmp_path):
 
 def lumen_vs_diffusers(lumen, folder, guide, k, size, prompt, tmp_path) -> np.ndarray:
     """|lumen − diffusers| per pixel (0..255) for one image: same folder, guide
-    conditioning (lumen's), latents, DDIM, 5 steps, guidance 7.5."""
+    conditioning (lumen's), latents, DDIM, 5 steps, guidance 7.5, and the
+    folder's ControlNet scale (lumen.json `default_control_scale`, else 1),
+    which lumen applies by default and diffusers is given."""
     w, h = size
+    settings = json.loads((folder / "lumen.json").read_text()) if (folder / "lumen.json").is_file() else {}
+    control_scale = settings.get("default_control_scale", 1.0)
     cond_file = tmp_path / "cond.safetensors"
     run_lumen(
         lumen,
@@ -108,6 +112,7 @@ def lumen_vs_diffusers(lumen, folder, guide, k, size, prompt, tmp_path) -> np.nd
         width=w,
         num_inference_steps=5,
         guidance_scale=7.5,
+        controlnet_conditioning_scale=control_scale,
         latents=latents.clone(),
         output_type="np",
     ).images[0]
