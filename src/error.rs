@@ -88,6 +88,11 @@ pub enum Error {
         message: String,
     },
 
+    /// A batch job stopped on a signal (SIGINT, SIGTERM) after recording
+    /// what was in flight; a rerun of the same command continues it.
+    #[error("stopped by {}: a rerun of the same command continues", crate::jobs::interrupt::signal_name(*.signal))]
+    Interrupted { signal: i32 },
+
     /// Anything else that is lumen's own fault.
     #[error("internal error: {0}")]
     Internal(String),

@@ -14,6 +14,10 @@ fn main() -> ExitCode {
     lumen::server::init_logging(cli.log_format());
     match cli.run() {
         Ok(()) => ExitCode::SUCCESS,
+        // Stopped on a signal: the shell's convention, 128 + its number.
+        Err(lumen::Error::Interrupted { signal }) => {
+            ExitCode::from(u8::try_from(128 + signal).unwrap_or(1))
+        }
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE

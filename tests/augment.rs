@@ -110,12 +110,39 @@ fn read_indexed(path: &Path) -> (u32, u32, Vec<u8>, Vec<u8>) {
     (info.width, info.height, buf, palette)
 }
 
-fn manifest(out: &Path) -> Vec<Value> {
-    std::fs::read_to_string(out.join("manifest.jsonl"))
+/// The lines of a JSON-lines file under OUT (none if it is not there).
+fn jsonl(out: &Path, name: &str) -> Vec<Value> {
+    std::fs::read_to_string(out.join(name))
         .unwrap_or_default()
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
+}
+
+fn manifest(out: &Path) -> Vec<Value> {
+    jsonl(out, "manifest.jsonl")
+}
+
+/// The rows of `metadata.jsonl`.
+fn metadata(out: &Path) -> Vec<Value> {
+    jsonl(out, "metadata.jsonl")
+}
+
+/// `metadata.jsonl` describes exactly the manifest's outputs.
+fn assert_metadata_matches_manifest(out: &Path) {
+    let rows: BTreeMap<String, Value> = metadata(out)
+        .into_iter()
+        .map(|r| (r["file_name"].as_str().unwrap().to_string(), r))
+        .collect();
+    let lines = manifest(out);
+    assert_eq!(rows.len(), lines.len());
+    for l in &lines {
+        let row = &rows[l["output"].as_str().unwrap()];
+        assert_eq!(row["text"], l["prompt"]);
+        assert_eq!(row["seed"], l["seed"]);
+        assert_eq!(row["source"], l["source"]);
+        assert!(out.join(row["file_name"].as_str().unwrap()).is_file());
+    }
 }
 
 /// The output images of a run: path relative to OUT → bytes.
@@ -350,6 +377,49 @@ fn labels_follow_the_outputs_pixel_exactly() {
         .collect();
     assert_eq!(ann_ids.len(), 8);
 
+    // metadata.jsonl: the Hugging Face imagefolder view, objects from COCO.
+    assert_metadata_matches_manifest(&out);
+    for row in metadata(&out) {
+        let l = lines
+            .iter()
+            .find(|l| l["output"] == row["file_name"])
+            .unwrap();
+        assert_eq!(row["mask_file_name"], l["labels"][0]);
+        let id = l["coco_image_id"].as_u64().unwrap();
+        let a = ann["annotations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["image_id"] == id)
+            .unwrap();
+        assert_eq!(
+            row["objects"],
+            json!({"bbox": [a["bbox"]], "categories": [1]})
+        );
+    }
+    // classes.json: every value and id, named only where the input names it.
+    let classes: Value =
+        serde_json::from_slice(&std::fs::read(out.join("classes.json")).unwrap()).unwrap();
+    let mask_classes: Vec<Value> = (0..4)
+        .map(|v| json!({"value": v, "name": null, "colour": &PALETTE[v * 3..v * 3 + 3]}))
+        .collect();
+    assert_eq!(
+        classes,
+        json!({
+            "masks": {"names_from": null, "classes": mask_classes},
+            "coco": {"names_from": s(&coco_file), "classes": [{"id": 1, "name": "thing"}]},
+            "yolo": {"names_from": null, "classes": [
+                {"id": 0, "name": null}, {"id": 1, "name": null}, {"id": 2, "name": null}
+            ]},
+            "objects": "coco",
+        })
+    );
+    let yaml = std::fs::read_to_string(out.join("data.yaml")).unwrap();
+    assert!(
+        yaml.ends_with("train: images\nval: images\nnames:\n  0: null\n  1: null\n  2: null\n"),
+        "{yaml}"
+    );
+
     // A rerun finds everything done and changes nothing.
     let before = outputs(&out);
     let manifest_before = std::fs::read(out.join("manifest.jsonl")).unwrap();
@@ -425,26 +495,145 @@ fn killed_mid_run_resumes_without_duplicates() {
             image::open(&entry).unwrap_or_else(|e| panic!("{}: {e}", entry.display()));
         }
     }
-    let summary = augment_ok(&args(&out));
+    resumes_as_if_never_stopped(&args(&out), &out, &args(&reference), partial, 9);
+}
+
+/// A rerun after a stop with `partial` of `total` outputs done makes only
+/// the rest, without duplicates or temporary files, and the same images as
+/// a run that was never stopped (`reference`).
+fn resumes_as_if_never_stopped(
+    rerun: &[String],
+    out: &Path,
+    reference: &[String],
+    partial: usize,
+    total: usize,
+) {
+    let summary = augment_ok(rerun);
     assert!(
         summary.contains(&format!(
             "{} images written by this run, {partial} done before",
-            9 - partial
+            total - partial
         )),
         "{summary}"
     );
-    let lines = manifest(&out);
+    let lines = manifest(out);
     let unique: BTreeSet<&str> = lines
         .iter()
         .map(|l| l["output"].as_str().unwrap())
         .collect();
-    assert_eq!((lines.len(), unique.len()), (9, 9));
-    assert!(walk(&out)
+    assert_eq!((lines.len(), unique.len()), (total, total));
+    assert!(walk(out)
         .iter()
         .all(|p| !p.to_string_lossy().ends_with(".tmp")));
-    // The same images as a run that was never interrupted.
-    augment_ok(&args(&reference));
-    assert_eq!(outputs(&out), outputs(&reference));
+    assert_metadata_matches_manifest(out);
+    augment_ok(reference);
+    let reference_out =
+        PathBuf::from(&reference[reference.iter().position(|a| a == "--out").unwrap() + 1]);
+    assert_eq!(outputs(out), outputs(&reference_out));
+}
+
+/// SIGTERM (as `kubectl delete` or `podman stop` send it) stops the job
+/// cleanly: what was in flight is recorded, the summary says a rerun
+/// continues, the status is 143; with stderr not a terminal, progress came
+/// as log lines. The rerun gives the images of an uninterrupted run.
+#[test]
+fn sigterm_stops_with_the_summary_and_a_rerun_continues() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = plain_dataset(tmp.path(), 3);
+    let (out, reference) = (tmp.path().join("out"), tmp.path().join("ref"));
+    let args = |o: &Path| job(&input, o, &["--per-image", "3", "--components", "8"]);
+    let child = Command::new(env!("CARGO_BIN_EXE_lumen"))
+        .arg("augment")
+        .args(args(&out))
+        .args(["--steps", STEPS, "--progress-every-s", "0.05"])
+        .env_remove("LUMEN_MODELS")
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while manifest(&out).is_empty() {
+        assert!(t.elapsed() < Duration::from_secs(120), "no progress");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let o = child.wait_with_output().unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    assert_eq!(o.status.code(), Some(143), "{stdout}\n{stderr}");
+    let partial = manifest(&out).len();
+    assert!((1..9).contains(&partial), "{partial}: {stdout}");
+    assert!(
+        stdout.contains(&format!("{partial} images written by this run"))
+            && stdout.contains("interrupted by SIGTERM")
+            && stdout.contains("rerun the same command to continue"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("incomplete"), "{stdout}");
+    assert!(
+        stderr.contains("augment progress") && stderr.contains("augment interrupted"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_metadata_matches_manifest(&out);
+    resumes_as_if_never_stopped(&args(&out), &out, &args(&reference), partial, 9);
+}
+
+/// A rerun with a higher `--min-score` removes the earlier outputs it now
+/// refuses; one with none makes them again, the same bytes.
+#[test]
+fn a_changed_min_score_is_reapplied_on_a_rerun() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = plain_dataset(tmp.path(), 3);
+    let out = tmp.path().join("out");
+    let args = |extra: &[&str]| {
+        let mut a = job(&input, &out, &["--per-image", "2", "--components", "1,8"]);
+        a.extend(extra.iter().map(|x| x.to_string()));
+        a
+    };
+    augment_ok(&args(&[]));
+    let all = outputs(&out);
+    let mut scores: Vec<f64> = manifest(&out)
+        .iter()
+        .map(|l| l["score"].as_f64().unwrap())
+        .collect();
+    scores.sort_by(f64::total_cmp);
+    assert_eq!(scores.len(), 12);
+    // A threshold between two recorded scores: half of them fall below.
+    let min = (scores[5] + scores[6]) / 2.0;
+    assert!(scores[5] < scores[6], "{scores:?}");
+    let summary = augment_ok(&args(&["--min-score", &min.to_string()]));
+    assert!(
+        summary.contains("0 images written by this run, 6 done before")
+            && summary.contains("re-filtered: 6 images")
+            && summary.contains("filtered: 6 images scored below"),
+        "{summary}"
+    );
+    let kept = manifest(&out);
+    assert_eq!(kept.len(), 6);
+    assert!(kept.iter().all(|l| l["score"].as_f64().unwrap() >= min));
+    assert_metadata_matches_manifest(&out);
+    let images = walk(&out.join("images"));
+    assert_eq!(
+        images.len(),
+        6,
+        "refused outputs' files removed: {images:?}"
+    );
+    // Without the filter, the refused ones come back, byte for byte.
+    let summary = augment_ok(&args(&[]));
+    assert!(
+        summary.contains("6 images written by this run, 6 done before"),
+        "{summary}"
+    );
+    assert_eq!(outputs(&out), all);
+    assert_metadata_matches_manifest(&out);
 }
 
 fn walk(dir: &Path) -> Vec<PathBuf> {
@@ -478,10 +667,12 @@ fn shards_cover_the_dataset_exactly_once() {
         first.contains("2 images written") && first.contains("incomplete"),
         "{first}"
     );
-    assert!(
-        !out.join("manifest.jsonl").exists(),
-        "merged before every shard was done"
-    );
+    for file in ["manifest.jsonl", "metadata.jsonl", "classes.json"] {
+        assert!(
+            !out.join(file).exists(),
+            "{file} written before every shard was done"
+        );
+    }
     let second = run(&out, &["--shard", "0/2"]);
     assert!(
         second.contains("3 images written") && !second.contains("incomplete"),
@@ -496,6 +687,13 @@ fn shards_cover_the_dataset_exactly_once() {
     let unique: BTreeSet<&str> = sources.iter().copied().collect();
     assert_eq!((sources.len(), unique.len()), (5, 5));
     assert_eq!(outputs(&out), outputs(&whole));
+    assert_metadata_matches_manifest(&out);
+    let sorted = |o: &Path| {
+        let mut rows: Vec<String> = metadata(o).iter().map(Value::to_string).collect();
+        rows.sort();
+        rows
+    };
+    assert_eq!(sorted(&out), sorted(&whole));
     // A shard of another size is another job.
     let o = augment(&job(&input, &out, &["--components", "2", "--shard", "0/3"]));
     assert!(!o.status.success());

@@ -10,6 +10,7 @@ use super::{ModelArgs, SamplingArgs};
 use crate::config::{parse_device, parse_dtype};
 use crate::error::{Error, Result};
 use crate::jobs::augment::{self, AugmentOptions, Backend, Prompts, RemoteOptions};
+use crate::jobs::interrupt::Interrupt;
 use crate::model_folder::ModelSource;
 use crate::pipeline::output::OutputFormat;
 use crate::pipeline::request::SynthesisRequest;
@@ -23,8 +24,9 @@ pub struct AugmentArgs {
     /// `lumen layouts` (metadata.jsonl or NAME.txt).
     #[arg(long, env = "LUMEN_INPUT")]
     input: PathBuf,
-    /// Output folder: images/, masks/, labels/, manifest.jsonl, annotations.json.
-    /// A rerun of the same command continues an interrupted job.
+    /// Output folder: images/, masks/, labels/, manifest.jsonl, metadata.jsonl (Hugging Face
+    /// imagefolder), classes.json, annotations.json, data.yaml. A rerun of the same command
+    /// continues an interrupted job.
     #[arg(long, short = 'o', env = "LUMEN_OUT")]
     out: PathBuf,
     /// Masks: DIR/<path of the image without extension>.png (palette, grey or colour class maps),
@@ -38,6 +40,14 @@ pub struct AugmentArgs {
     /// YOLO labels: DIR/<path of the image without extension>.txt, copied unchanged.
     #[arg(long, env = "LUMEN_YOLO")]
     yolo: Option<PathBuf>,
+    /// Names of the mask values, for OUT/classes.json: a JSON list (position = value) or object
+    /// {"VALUE": "name"}; default: MASKS/classes.json if present.
+    #[arg(long, env = "LUMEN_MASK_NAMES")]
+    mask_names: Option<PathBuf>,
+    /// Names of the YOLO class ids, for OUT/data.yaml and classes.json: a YOLO data.yaml
+    /// (`names:`) or JSON as --mask-names; default: YOLO/data.yaml if present.
+    #[arg(long, env = "LUMEN_YOLO_NAMES")]
+    yolo_names: Option<PathBuf>,
     /// Variants per source image and K.
     #[arg(long, env = "LUMEN_PER_IMAGE", default_value_t = 1)]
     per_image: usize,
@@ -83,9 +93,13 @@ pub struct AugmentArgs {
     /// Longest wait for one server answer, in seconds.
     #[arg(long, env = "LUMEN_REQUEST_TIMEOUT_S", default_value_t = 600)]
     request_timeout_s: u64,
-    /// Hide the progress bar.
+    /// Hide the progress (the bar on a terminal, the log lines otherwise).
     #[arg(long, env = "LUMEN_QUIET")]
     quiet: bool,
+    /// When stderr is not a terminal (a container's or a Job's log): seconds between
+    /// progress log lines.
+    #[arg(long, env = "LUMEN_PROGRESS_EVERY_S", default_value_t = 30.0)]
+    progress_every_s: f64,
 }
 
 pub fn run(a: AugmentArgs) -> Result<()> {
@@ -111,6 +125,12 @@ pub fn run(a: AugmentArgs) -> Result<()> {
         }
         (None, None) => Prompts::Captions,
     };
+    if !(a.progress_every_s.is_finite() && a.progress_every_s > 0.0) {
+        return Err(Error::param(
+            "progress-every-s",
+            format!("{} is not a positive number of seconds", a.progress_every_s),
+        ));
+    }
     if let Some(m) = a.min_score {
         if !m.is_finite() {
             return Err(Error::param("min-score", format!("{m} is not a number")));
@@ -147,6 +167,8 @@ pub fn run(a: AugmentArgs) -> Result<()> {
         masks: a.masks,
         coco: a.coco,
         yolo: a.yolo,
+        mask_names: a.mask_names,
+        yolo_names: a.yolo_names,
         per_image: a.per_image,
         components: a.components,
         prompts,
@@ -155,11 +177,18 @@ pub fn run(a: AugmentArgs) -> Result<()> {
         min_score: a.min_score,
         shard: augment::parse_shard(&a.shard)?,
         progress: !a.quiet,
+        progress_every: Duration::from_secs_f64(a.progress_every_s),
+        // SIGINT / SIGTERM stop the job cleanly: the summary, then 128 + the signal.
+        interrupt: Interrupt::on_signals()
+            .map_err(|e| Error::Internal(format!("cannot listen for SIGINT / SIGTERM: {e}")))?,
     };
     let mut report = augment::run(&opts, backend)?;
     print!("{}", augment::summary(&report, opts.min_score));
     if let Some(e) = report.stopped.take() {
         return Err(e);
+    }
+    if let Some(signal) = report.interrupted {
+        return Err(Error::Interrupted { signal });
     }
     if !report.failed.is_empty() {
         return Err(Error::Internal(format!(

@@ -7,6 +7,7 @@
 //!   synthetic images whose labels still apply.
 
 pub mod augment;
+pub mod interrupt;
 pub mod layouts;
 
 use std::path::Path;

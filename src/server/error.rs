@@ -78,7 +78,9 @@ impl ApiError {
                     (StatusCode::UNPROCESSABLE_ENTITY, "image_too_large")
                 }
                 Error::Overloaded { .. } => (StatusCode::TOO_MANY_REQUESTS, "overloaded"),
-                Error::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
+                Error::ShuttingDown | Error::Interrupted { .. } => {
+                    (StatusCode::SERVICE_UNAVAILABLE, "shutting_down")
+                }
                 Error::Cancelled => (StatusCode::SERVICE_UNAVAILABLE, "cancelled"),
                 Error::DeadlineExceeded { .. } => (StatusCode::SERVICE_UNAVAILABLE, "timeout"),
                 Error::OverBudget { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "over_time_budget"),

@@ -7,11 +7,12 @@ use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
+use std::time::Duration;
 
 use super::dispatch::{Dispatch, Outcome};
 use super::options::{AugmentOptions, Backend};
 use super::plan::{Source, Task};
-use super::report::{progress, AugmentReport};
+use super::report::{AugmentReport, Progress, Tally};
 use super::state::{refused, Appender, FilteredLine, State};
 use super::writer::{WriteError, Writer};
 use super::{local, remote};
@@ -33,7 +34,7 @@ pub(super) fn make_images(
     if pending.is_empty() {
         return Ok(None);
     }
-    let bar = progress(pending.len() as u64, opts.progress);
+    let mut progress = Progress::new(pending.len(), opts.progress, opts.progress_every);
     let dispatch = Arc::new(Dispatch::new(pending));
     let (tx, rx) = mpsc::sync_channel::<Outcome>(16);
     let workers = spawn(opts, backend, sources, dispatch.clone(), tx)?;
@@ -48,12 +49,26 @@ pub(super) fn make_images(
         }
     };
     let mut fatal = None;
-    for outcome in rx {
+    loop {
+        // Wake up now and then to log progress and to see a signal.
+        let outcome = match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(o) => o,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if let (Some(signal), None) = (opts.interrupt.raised(), report.interrupted) {
+                    report.interrupted = Some(signal);
+                    dispatch.halt();
+                }
+                progress.tick();
+                continue;
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        };
         match outcome {
             Outcome::Done(g) => {
-                bar.inc(1);
                 if refused(opts.min_score, g.score) {
+                    progress.record(Tally::Filtered);
                     report.filtered += 1;
+                    report.filtered_now += 1;
                     filtered.append(&FilteredLine {
                         source: sources[g.task.source].rel.clone(),
                         output: g.task.output.clone(),
@@ -70,8 +85,12 @@ pub(super) fn make_images(
                     Ok(line) => {
                         manifest.append(&line)?;
                         report.written += 1;
+                        progress.record(Tally::Kept);
                     }
-                    Err(WriteError::Source(why)) => skip(g.task.source, why, report),
+                    Err(WriteError::Source(why)) => {
+                        progress.record(Tally::Skipped);
+                        skip(g.task.source, why, report)
+                    }
                     Err(WriteError::Fatal(e)) => {
                         dispatch.halt();
                         fatal = Some(e);
@@ -79,11 +98,11 @@ pub(super) fn make_images(
                 }
             }
             Outcome::BadSource { source, reason } => {
-                bar.inc(1);
+                progress.record(Tally::Skipped);
                 skip(source, reason, report);
             }
             Outcome::Failed { task, reason } => {
-                bar.inc(1);
+                progress.record(Tally::Failed);
                 report.failed.push((task.output, reason));
             }
             Outcome::Fatal(e) => {
@@ -95,7 +114,7 @@ pub(super) fn make_images(
     for w in workers {
         let _ = w.join();
     }
-    bar.finish_and_clear();
+    progress.finish(report.interrupted.map(|_| "augment interrupted"));
     report.retried_busy = dispatch.retried_busy.load(Ordering::SeqCst);
     report.failed_over = dispatch.failed_over.load(Ordering::SeqCst);
     Ok(fatal)

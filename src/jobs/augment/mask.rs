@@ -236,6 +236,23 @@ impl Mask {
         self.color.samples() * if self.sixteen { 2 } else { 1 }
     }
 
+    /// The distinct pixel values, sorted: each one number per channel (the
+    /// palette index, the grey level, or the colour's samples; 16-bit
+    /// samples as numbers up to 65535).
+    pub fn values(&self) -> Vec<Vec<u32>> {
+        let bpp = self.bytes_per_pixel();
+        let distinct: std::collections::BTreeSet<&[u8]> = self.samples.chunks_exact(bpp).collect();
+        let step = if self.sixteen { 2 } else { 1 };
+        distinct
+            .into_iter()
+            .map(|px| {
+                px.chunks_exact(step)
+                    .map(|b| b.iter().fold(0u32, |acc, &x| (acc << 8) | u32::from(x)))
+                    .collect()
+            })
+            .collect()
+    }
+
     /// The bytes of pixel `(x, y)`, or `None` outside the mask.
     pub fn pixel(&self, x: u32, y: u32) -> Option<&[u8]> {
         if x >= self.width || y >= self.height {
@@ -306,6 +323,32 @@ impl Mask {
 mod tests {
     use super::*;
     use png::{BitDepth, ColorType};
+
+    #[test]
+    fn values_are_distinct_and_per_channel() {
+        let grey = Mask::from_samples(
+            3,
+            1,
+            ColorType::Grayscale,
+            BitDepth::Sixteen,
+            vec![1, 0, 0, 7, 1, 0],
+            None,
+            None,
+        )
+        .unwrap();
+        assert_eq!(grey.values(), [vec![7], vec![256]]);
+        let rgb = Mask::from_samples(
+            2,
+            1,
+            ColorType::Rgb,
+            BitDepth::Eight,
+            vec![9, 8, 7, 1, 2, 3],
+            None,
+            None,
+        )
+        .unwrap();
+        assert_eq!(rgb.values(), [vec![1, 2, 3], vec![9, 8, 7]]);
+    }
 
     /// Encodes packed rows (as PNG stores them) into a PNG file.
     fn png_bytes(

@@ -9,6 +9,11 @@
 //! OUT/labels/<dir>/<stem>-k<K>-v<n>.txt     YOLO files, copied unchanged (--yolo)
 //! OUT/annotations.json                      COCO for every output image, geometry rescaled (--coco)
 //! OUT/manifest.jsonl                        one line per output image (see [`ManifestLine`])
+//! OUT/metadata.jsonl                        Hugging Face imagefolder rows: file_name, text,
+//!                                           mask_file_name, objects {bbox, categories}, …
+//! OUT/classes.json                          every mask value and class id, named from the input
+//!                                           (names looked up as classes.rs says) or null
+//! OUT/data.yaml                             the ultralytics dataset file: train, val, names (--yolo)
 //! OUT/.augment/job.json                     what the job is, so that a rerun continues only this job
 //! OUT/.augment/filtered*.jsonl              outputs refused by --min-score (not redone by a rerun)
 //! OUT/.augment/manifest-I-of-N.jsonl        a shard's manifest (--shard I/N), merged into
@@ -22,12 +27,16 @@
 //! appended: an output is done when its line is there, and a rerun after a
 //! kill makes only what is missing. Bad sources (undecodable images, masks
 //! of the wrong size or missing, COCO entries for missing files) are listed
-//! in the summary and skipped; nothing else is lost.
+//! in the summary and skipped; nothing else is lost. The files that
+//! describe the whole set (annotations.json, metadata.jsonl, classes.json,
+//! data.yaml) are rewritten from manifest.jsonl at the end of each run
+//! (sharded: once the set is complete).
 //!
 //! The images come from the local engine ([`local`]: one thread owns the
 //! models) or from running `lumen serve` replicas ([`remote`]).
 
 mod catalog;
+mod classes;
 pub mod coco;
 mod collect;
 mod dispatch;
@@ -94,11 +103,19 @@ pub fn run(opts: &AugmentOptions, backend: Backend) -> Result<AugmentReport> {
         return Ok(report);
     }
 
-    report.complete = state.complete(&report)?;
-    if let (Some(c), true) = (&inputs.coco, report.complete || !state.sharded()) {
-        report
-            .coco_problems
-            .extend(catalog::write_coco(&opts.out, c, &sources)?);
+    // Interrupted: nothing is complete, but what was kept is described.
+    report.complete = report.interrupted.is_none() && state.complete(&report)?;
+    if report.complete || !state.sharded() {
+        let problems = catalog::write(&catalog::Catalog {
+            out: &opts.out,
+            sources: &sources,
+            coco: inputs.coco.as_ref(),
+            coco_path: opts.coco.as_deref(),
+            names: &inputs.names,
+            masks: opts.masks.is_some(),
+            yolo: opts.yolo.is_some(),
+        })?;
+        report.label_problems.extend(problems);
     }
     Ok(report)
 }

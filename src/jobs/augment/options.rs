@@ -1,11 +1,13 @@
 //! What a job is asked to do ([`AugmentOptions`], [`Backend`], [`Prompts`])
-//! and the checks that stop it before any image is made ([`Inputs::open`]).
+//! and the checks that stop it before any image is made ([`Inputs::open`]:
+//! the options, the input folder, the COCO file, the class names).
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use super::classes::ClassNames;
 use super::coco::Coco;
 use super::remote::RemoteOptions;
 use crate::dataset::ImageFolder;
@@ -48,6 +50,10 @@ pub struct AugmentOptions {
     pub masks: Option<PathBuf>,
     pub coco: Option<PathBuf>,
     pub yolo: Option<PathBuf>,
+    /// The mask values' names (default: `MASKS/classes.json` if present).
+    pub mask_names: Option<PathBuf>,
+    /// The YOLO class names (default: `YOLO/data.yaml` if present).
+    pub yolo_names: Option<PathBuf>,
     /// Variants per source and K.
     pub per_image: usize,
     /// The K of each variant set (empty: the model's default K).
@@ -61,7 +67,13 @@ pub struct AugmentOptions {
     pub min_score: Option<f32>,
     /// `(index, count)`: this worker's share of the sources.
     pub shard: (usize, usize),
+    /// Show progress (a bar on a terminal, else log lines).
     pub progress: bool,
+    /// How often a progress line is logged when stderr is not a terminal.
+    pub progress_every: std::time::Duration,
+    /// Set on SIGINT / SIGTERM: stop handing out work, record what is in
+    /// flight, and report (see [`crate::jobs::interrupt`]).
+    pub interrupt: crate::jobs::interrupt::Interrupt,
 }
 
 /// Parse `I/N`.
@@ -83,6 +95,8 @@ pub(super) struct Inputs {
     pub format: OutputFormat,
     pub folder: ImageFolder,
     pub coco: Option<Coco>,
+    /// The names of the mask values and YOLO class ids.
+    pub names: ClassNames,
     /// The K of the job: the given ones, else the model's default.
     pub components: Vec<usize>,
 }
@@ -112,10 +126,17 @@ impl Inputs {
             Some(p) => Some(Coco::read(p)?),
             None => None,
         };
+        let names = ClassNames::read(
+            opts.masks.as_deref(),
+            opts.mask_names.as_deref(),
+            opts.yolo.as_deref(),
+            opts.yolo_names.as_deref(),
+        )?;
         Ok(Inputs {
             format,
             folder,
             coco,
+            names,
             components: components(opts, backend)?,
         })
     }

@@ -143,14 +143,19 @@ impl State {
 
     /// What earlier runs did: the plan's outputs that are done (returned,
     /// with their manifest lines) or refused by `min` are counted; the rest
-    /// is to be made.
+    /// is to be made. The filter is re-applied to the recorded scores: an
+    /// earlier output that `min` now refuses is moved to the filtered record
+    /// and its files are removed (a lower `min` on a later run makes it
+    /// again, the same image from the same seed); one refused before that
+    /// `min` now keeps is made again.
     pub fn pending(
         &self,
         plan: Vec<Task>,
         min: Option<f32>,
         report: &mut AugmentReport,
     ) -> Result<(Vec<Task>, BTreeMap<String, ManifestLine>)> {
-        let done = load_manifest(&self.manifest, &self.out)?;
+        let mut done = load_manifest(&self.manifest, &self.out)?;
+        report.refiltered = self.refilter(&mut done, min)?;
         let filtered: HashMap<String, Option<f32>> = read_lines::<FilteredLine>(&self.filtered)?
             .into_iter()
             .map(|l| (l.output, l.score))
@@ -166,6 +171,50 @@ impl State {
             }
         }
         Ok((pending, done))
+    }
+
+    /// Move the done outputs that `min` refuses to the filtered record:
+    /// record first, then the manifest without them, then their files, so
+    /// that a kill in between leaves a state the next run reads the same.
+    fn refilter(
+        &self,
+        done: &mut BTreeMap<String, ManifestLine>,
+        min: Option<f32>,
+    ) -> Result<usize> {
+        let refuse: Vec<String> = done
+            .values()
+            .filter(|l| refused(min, l.score))
+            .map(|l| l.output.clone())
+            .collect();
+        if refuse.is_empty() {
+            return Ok(0);
+        }
+        let mut record = Appender::lazy(&self.filtered);
+        let gone: Vec<ManifestLine> = refuse.iter().filter_map(|o| done.remove(o)).collect();
+        for l in &gone {
+            record.append(&FilteredLine {
+                source: l.source.clone(),
+                output: l.output.clone(),
+                seed: l.seed,
+                components: l.components,
+                score: l.score,
+            })?;
+        }
+        write_manifest(&self.manifest, done)?;
+        for l in &gone {
+            for rel in std::iter::once(&l.output).chain(&l.labels) {
+                if rel == "annotations.json" {
+                    continue;
+                }
+                let path = self.out.join(rel);
+                match std::fs::remove_file(&path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(Error::io(&path, e)),
+                }
+            }
+        }
+        Ok(gone.len())
     }
 
     /// After a run with nothing left to retry, mark this shard done; the
@@ -265,16 +314,23 @@ fn load_manifest(path: &Path, out: &Path) -> Result<BTreeMap<String, ManifestLin
         }
     }
     if path.exists() {
-        let text: String = done
-            .values()
-            .map(|l| serde_json::to_string(l).unwrap_or_default() + "\n")
-            .collect();
         let current = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        if current.len() != text.len() {
-            write_atomic(path, text.as_bytes())?;
+        if current.len() != manifest_text(&done).len() {
+            write_manifest(path, &done)?;
         }
     }
     Ok(done)
+}
+
+fn manifest_text(done: &BTreeMap<String, ManifestLine>) -> String {
+    done.values()
+        .map(|l| serde_json::to_string(l).unwrap_or_default() + "\n")
+        .collect()
+}
+
+/// Rewrite a manifest with exactly these lines.
+fn write_manifest(path: &Path, done: &BTreeMap<String, ManifestLine>) -> Result<()> {
+    write_atomic(path, manifest_text(done).as_bytes())
 }
 
 /// A JSON-lines file open for appending.

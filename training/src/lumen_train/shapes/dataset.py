@@ -6,10 +6,14 @@
 - `images/NNNNNN.png` with its caption in `images/metadata.jsonl`;
 - `masks/NNNNNN.png`: an indexed PNG class map (0 background, 1..6 the
   colours, as `world.segment`), palette = the class colours;
+- `masks/classes.json`: the mask values' names, `world.CLASS_NAMES` as a
+  JSON list (position = value), where `lumen augment --masks` looks;
 - `yolo/NNNNNN.txt`: one line per visible shape, class = kind
   (circle, square, triangle), normalised box of its visible pixels;
-- `coco.json`: instances, one per visible shape (category = kind), with
-  the visible pixels as an uncompressed RLE, their box and area.
+- `yolo/data.yaml`: the YOLO class names (`names:`, id: kind), where
+  `lumen augment --yolo` looks;
+- `coco.json`: instances, one per visible shape (category = kind, ids from
+  1), with the visible pixels as an uncompressed RLE, their box and area.
 
 `score_correlation(augment_out)` reads a `lumen augment` output made from
 such a dataset with `--masks`: each output is segmented by nearest palette
@@ -99,6 +103,9 @@ def write_dataset(out: Path, seed: int, count: int) -> dict:
             yolo.append(f"{kind} {(x + w / 2) / s:.6f} {(y + h / 2) / s:.6f} {w / s:.6f} {h / s:.6f}")
         (out / "yolo" / f"{name}.txt").write_text("".join(line + "\n" for line in yolo))
     (out / "images" / "metadata.jsonl").write_text("".join(c + "\n" for c in captions))
+    (out / "masks" / "classes.json").write_text(json.dumps(world.CLASS_NAMES) + "\n")
+    names = "".join(f"  {i}: {kind}\n" for i, kind in enumerate(world.KINDS))
+    (out / "yolo" / "data.yaml").write_text(f"# shapes world: YOLO class ids\nnames:\n{names}")
     coco = {"info": {"description": f"shapes world, split {seed}"}, "categories": categories}
     coco |= {"images": images, "annotations": annotations}
     (out / "coco.json").write_text(json.dumps(coco))
