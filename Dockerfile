@@ -42,8 +42,9 @@ ENV LUMEN_MODELS=/models \
     LUMEN_PORT=8080 \
     LUMEN_LOG_FORMAT=json
 EXPOSE 8080
+# The probe follows LUMEN_PORT, so a container run with another port stays healthy.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
-    CMD ["curl", "-fsS", "http://127.0.0.1:8080/health"]
+    CMD ["sh", "-c", "curl -fsS \"http://127.0.0.1:${LUMEN_PORT:-8080}/health\""]
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["lumen"]
 CMD ["serve"]

@@ -209,8 +209,10 @@ pub fn bench(c: BenchCommand) -> Result<()> {
             (a.model, timings)
         }
     };
+    let source = ModelSource::from_arg(model_args.models);
     let report = serde_json::json!({
-        "model": ModelSource::from_arg(model_args.models).identity(),
+        "model": source.identity()?,
+        "model_path": source.location(),
         "device": model_args.device,
         "timings": report,
         "peak_rss_bytes": bench::peak_rss_bytes(),

@@ -67,7 +67,7 @@ pub fn run(a: LayoutsArgs) -> Result<()> {
     encoder_files.extend(src.weight_files("encoder", "model")?);
     let manifest = Manifest {
         format: FORMAT.into(),
-        model: src.identity(),
+        model: src.identity()?,
         encoder_sha256: src.sha256(&encoder_files)?,
         pca_sha256: src.sha256(&[PCA_FILE.to_string()])?,
         layout_size,

@@ -14,6 +14,7 @@
 
 pub mod diffusers_config;
 pub mod embedded;
+pub mod identity;
 pub mod safetensors_io;
 mod weights;
 
@@ -49,11 +50,58 @@ impl ModelSource {
         }
     }
 
-    /// A short, stable name for logs and image metadata.
-    pub fn identity(&self) -> String {
+    /// Where the folder is: its path, or `embedded:models/shapes`.
+    pub fn location(&self) -> String {
         match self {
             ModelSource::Dir(d) => d.display().to_string(),
             ModelSource::Embedded => format!("embedded:{}", embedded::DIR),
+        }
+    }
+
+    /// The model's identity, from its content alone (`sha256:` and 16 hex
+    /// digits; see [`identity`]): the same files give the same identity
+    /// wherever they are, mounted, copied or embedded. Layout ids, the
+    /// parameters record and the metrics carry it.
+    pub fn identity(&self) -> Result<String> {
+        identity::of(self)
+    }
+
+    /// Every file of the folder, relative to it, sorted (for a directory:
+    /// recursively, without hidden files and folders).
+    pub fn files(&self) -> Result<Vec<String>> {
+        match self {
+            ModelSource::Embedded => {
+                let mut v: Vec<String> =
+                    embedded::FILES.iter().map(|(p, _)| p.to_string()).collect();
+                v.sort();
+                Ok(v)
+            }
+            ModelSource::Dir(d) => {
+                let mut out = Vec::new();
+                let mut stack = vec![std::path::PathBuf::new()];
+                while let Some(rel) = stack.pop() {
+                    let dir = d.join(&rel);
+                    let entries = std::fs::read_dir(&dir)
+                        .map_err(|e| Error::model_file(dir.display().to_string(), e))?;
+                    for entry in entries {
+                        let entry =
+                            entry.map_err(|e| Error::model_file(dir.display().to_string(), e))?;
+                        let name = entry.file_name();
+                        let Some(name) = name.to_str() else { continue };
+                        if name.starts_with('.') {
+                            continue;
+                        }
+                        let path = rel.join(name);
+                        if entry.path().is_dir() {
+                            stack.push(path);
+                        } else if let Some(p) = path.to_str() {
+                            out.push(p.replace(std::path::MAIN_SEPARATOR, "/"));
+                        }
+                    }
+                }
+                out.sort();
+                Ok(out)
+            }
         }
     }
 

@@ -199,7 +199,7 @@ impl ModelSpecs {
     pub fn read(src: &ModelSource) -> Result<Self> {
         let layout = LayoutSpec::read(src)?;
         Ok(Self {
-            model: src.identity(),
+            model: src.identity()?,
             synthesis: SynthesisSpec::read_with(src, layout.max_components)?,
             layout,
         })

@@ -86,7 +86,11 @@ pub struct ErrorDetail {
 pub struct Status {
     /// `ok`, `loading` or `shutting_down`.
     pub status: String,
+    /// The model's identity, from its content (`sha256:` and 16 hex digits):
+    /// the same model files give the same identity wherever they are.
     pub model: String,
+    /// Where the model folder is: its path, or `embedded:models/shapes`.
+    pub model_path: String,
     pub device: String,
     pub dtype: String,
     pub version: String,

@@ -104,7 +104,8 @@ impl Service {
             api_key: args.api_key.as_deref().map(state::ApiKey::new),
             protect_all: args.protect_all,
             shutting_down: AtomicBool::new(false),
-            model_identity: source.identity(),
+            model_identity: source.identity()?,
+            model_path: source.location(),
             openapi_generic: openapi::to_pretty(&openapi::document_with(
                 &limits,
                 None,

@@ -78,6 +78,8 @@ pub struct AppState {
     pub protect_all: bool,
     pub shutting_down: AtomicBool,
     pub model_identity: String,
+    /// Where the model folder is (its path, or `embedded:models/shapes`).
+    pub model_path: String,
     /// The OpenAPI document before the models are loaded (no model bounds).
     pub openapi_generic: String,
     /// Asynchronous jobs.

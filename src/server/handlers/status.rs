@@ -82,6 +82,7 @@ fn status(state: &AppState) -> Status {
         }
         .into(),
         model: state.model_identity.clone(),
+        model_path: state.model_path.clone(),
         device: ready.map(|r| r.device.clone()).unwrap_or_default(),
         dtype: ready.map(|r| r.dtype.clone()).unwrap_or_default(),
         version: env!("CARGO_PKG_VERSION").into(),
