@@ -127,6 +127,9 @@ def parser() -> argparse.ArgumentParser:
     ds.add_argument("--steps", type=int, default=1000, help="training steps, every condition")
     ds.add_argument("--batch-size", type=int, default=32)
     ds.add_argument("--real-fraction", type=float, default=0.5, help="real share of a mixed batch")
+    ds.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (one-cycle)")
+    ds.add_argument("--norm", choices=["group", "batch"], default="group", help="the network's normalisation")
+    ds.add_argument("--only", help="these conditions alone, comma-separated (names as the table gives them)")
     ds.add_argument("--runs", type=Path, help="the per-run record (default WORK/runs.jsonl)")
     ds.add_argument("--extra", default="", help="more `lumen augment` flags, space-separated")
     ds.add_argument("--json", type=Path, help="also write the result as JSON here")
@@ -172,9 +175,10 @@ def shapes(a: argparse.Namespace) -> None:
             per_image=a.per_image,
             components=a.components,
             min_scores=tuple(a.min_score or [0.6]),
-            budget=Budget(a.steps, a.batch_size, real_fraction=a.real_fraction),
+            budget=Budget(a.steps, a.batch_size, a.lr, a.real_fraction, a.norm),
             extra=a.extra.split(),
             runs_path=a.runs,
+            only=None if a.only is None else tuple(c.strip() for c in a.only.split(",")),
             log=lambda line: print(line, file=sys.stderr, flush=True),
         )
         if a.json:

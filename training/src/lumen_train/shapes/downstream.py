@@ -14,7 +14,11 @@ A user holds N labelled real images (`lumen-train shapes dataset`, split
   random resized crop, brightness / contrast / saturation jitter);
 - `real+lumen colour@S`: every output, with its colour labels used only
   where the score is at least S (its shape labels always);
-- `lumen`: the (filtered) lumen outputs alone.
+- `lumen`: the (filtered) lumen outputs alone;
+- `real+recoloured`: the ceiling of any generator that keeps the layout:
+  each real image redrawn by the world itself with new colours and
+  background (`recoloured`), its labels exact. Not a lumen condition: it
+  says how much a layout-keeping augmentation can give here at all.
 
 Every condition trains the same network for the same number of steps and
 batch size, from the same initialisation per seed; batches mixing real and
@@ -127,6 +131,39 @@ def load_augmented(folder: Path, sources: list[str]) -> Data:
     return Data(*to_tensors(images, colour, shape), np.asarray(scores, float), np.asarray(src))
 
 
+def recoloured(real: Data, per_image: int, seed: int) -> Data:
+    """Each pool image redrawn `per_image` times with its shapes (kind,
+    place, size, drawing order) kept, and every shape's colour and the
+    background drawn anew: the colour labels are the new image's own, the
+    shape labels the source's."""
+    rng = np.random.default_rng([seed, 77])
+    images, colour, shape = [], [], []
+    for i in range(len(real)):
+        _, _, shapes, _ = world.sample(POOL_SEED, int(real.sources[i]))
+        for _ in range(per_image):
+            image = np.empty((world.SIZE, world.SIZE, 3), np.uint8)
+            image[:] = list(world.BACKGROUNDS.values())[rng.integers(len(world.BACKGROUNDS))]
+            for sh in shapes:
+                image[world.mask(sh)] = list(world.COLOURS.values())[rng.integers(len(world.COLOURS))]
+            images.append(image)
+            colour.append(world.segment(image))
+            shape.append(real.shape[i].numpy())
+    n = len(images)
+    return Data(*to_tensors(images, colour, shape), np.ones(n), np.repeat(real.sources, per_image))
+
+
+def geometry_agreement(d: Data) -> np.ndarray:
+    """Per image: foreground IoU of its (carried) shape labels against the
+    image's own shapes (nearest-palette segmentation, any colour); 1 when
+    every shape is where and as large as the label says."""
+    pixels = ((d.images.permute(0, 2, 3, 1).numpy() + 1) * 127.5).round().astype(np.uint8)
+    out = []
+    for s, p in zip(d.shape.numpy(), pixels, strict=True):
+        a, b = s > 0, world.segment(p) > 0
+        out.append((a & b).sum() / max((a | b).sum(), 1))
+    return np.asarray(out)
+
+
 def label_agreement(d: Data) -> np.ndarray:
     """Per image: colour mIoU of its (carried) colour mask against the image's
     own nearest-palette segmentation; 1 when the label still applies."""
@@ -136,14 +173,26 @@ def label_agreement(d: Data) -> np.ndarray:
     )
 
 
+def norm_layer(kind: str, c: int) -> nn.Module:
+    """`group`: GroupNorm (4 groups), the same at training and test time;
+    `batch`: BatchNorm, whose running statistics at test time are those of
+    the training batches: real and synthetic images mixed, so a synthetic
+    set of other statistics moves how every real test image is normalised."""
+    if kind == "group":
+        return nn.GroupNorm(4, c)
+    if kind == "batch":
+        return nn.BatchNorm2d(c)
+    raise ValueError(f"norm must be group or batch, not {kind!r}")
+
+
 class Block(nn.Sequential):
-    def __init__(self, cin: int, cout: int):
+    def __init__(self, cin: int, cout: int, norm: str = "group"):
         super().__init__(
             nn.Conv2d(cin, cout, 3, padding=1),
-            nn.BatchNorm2d(cout),
+            norm_layer(norm, cout),
             nn.ReLU(inplace=True),
             nn.Conv2d(cout, cout, 3, padding=1),
-            nn.BatchNorm2d(cout),
+            norm_layer(norm, cout),
             nn.ReLU(inplace=True),
         )
 
@@ -155,16 +204,17 @@ class SegNet(nn.Module):
     stay sharp at a seventh of a 64x64 UNet's cost; two 1x1 heads (colour
     classes, shape classes). About 70k parameters at width 12."""
 
-    def __init__(self, width: int = 12):
+    def __init__(self, width: int = 12, norm: str = "group"):
         super().__init__()
         w = width
         self.full = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=True))
         self.stem = nn.Sequential(
-            nn.Conv2d(3, w, 3, stride=2, padding=1), nn.BatchNorm2d(w), nn.ReLU(inplace=True)
+            nn.Conv2d(3, w, 3, stride=2, padding=1), norm_layer(norm, w), nn.ReLU(inplace=True)
         )
-        self.e1, self.e2, self.mid = Block(w, w), Block(w, 2 * w), Block(2 * w, 4 * w)
-        self.up2, self.d2 = nn.ConvTranspose2d(4 * w, 2 * w, 2, stride=2), Block(4 * w, 2 * w)
-        self.up1, self.d1 = nn.ConvTranspose2d(2 * w, w, 2, stride=2), Block(2 * w, w)
+        self.e1, self.e2 = Block(w, w, norm), Block(w, 2 * w, norm)
+        self.mid = Block(2 * w, 4 * w, norm)
+        self.up2, self.d2 = nn.ConvTranspose2d(4 * w, 2 * w, 2, stride=2), Block(4 * w, 2 * w, norm)
+        self.up1, self.d1 = nn.ConvTranspose2d(2 * w, w, 2, stride=2), Block(2 * w, w, norm)
         self.join = nn.Sequential(nn.Conv2d(w + 8, w, 1), nn.ReLU(inplace=True))
         self.colour = nn.Conv2d(w, COLOUR_CLASSES, 1)
         self.shape = nn.Conv2d(w, SHAPE_CLASSES, 1)
@@ -219,6 +269,7 @@ class Budget:
     batch: int = 32
     lr: float = 3e-3
     real_fraction: float = 0.5
+    norm: str = "group"
 
 
 def draw(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
@@ -229,7 +280,7 @@ def train_model(real: Data | None, synthetic: Data | None, augment: bool, seed: 
     """The same network, steps and batch for every condition. A batch takes
     round(batch x real_fraction) real images when both kinds are there."""
     torch.manual_seed(seed)
-    net = SegNet()
+    net = SegNet(norm=b.norm)
     opt = torch.optim.AdamW(net.parameters(), lr=b.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, b.lr, total_steps=b.steps, pct_start=0.1)
     gen = torch.Generator().manual_seed(1000 + seed)
@@ -323,7 +374,7 @@ def run_key(aug: Path, sources: set[str], budget: Budget, test_count: int) -> st
 def conditions(min_scores: list[float]) -> list[str]:
     names = ["real", "classic", "real+lumen"] + [f"real+lumen@{s:g}" for s in min_scores]
     names += [f"real+lumen colour@{s:g}" for s in min_scores]
-    return names + [f"lumen@{min_scores[-1]:g}" if min_scores else "lumen"]
+    return names + [f"lumen@{min_scores[-1]:g}" if min_scores else "lumen", "real+recoloured"]
 
 
 def colour_trusted_from(d: Data, min_score: float) -> Data:
@@ -373,6 +424,7 @@ def study(
     names = [f"{i:06d}.png" for i in range(len(real_all))]
     synth_all = load_augmented(aug, names)
     agreement = label_agreement(synth_all)
+    geometry = geometry_agreement(synth_all)
     runs_path = runs_path or work / "runs.jsonl"
     keys = {n: run_key(aug, set(names[:n]), budget, test_count) for n in sizes}
     done = {}
@@ -398,6 +450,8 @@ def study(
                     s = synth.take(synth.scores >= float(condition.split("@")[1]))
                 if condition.startswith("lumen"):
                     r = None
+                if condition == "real+recoloured":
+                    s = recoloured(real, per_image * len(components.split(",")), seed)
                 t0, c0 = time.perf_counter(), time.process_time()
                 net = train_model(r, s, classic_aug, seed, budget)
                 colour, shape = score(net, test)
@@ -426,6 +480,9 @@ def study(
         "cells": cells(runs),
         "label_agreement": agreement_table(
             synth_all, agreement, sorted({0.5, 0.6, 0.7, 0.8, 0.9, *min_scores})
+        ),
+        "geometry_agreement": agreement_table(
+            synth_all, geometry, sorted({0.5, 0.6, 0.7, 0.8, 0.9, *min_scores})
         ),
         "augment_seconds": round(augment_seconds, 1),
         "budget": asdict(budget),
@@ -486,11 +543,12 @@ def markdown(result: dict) -> str:
             f"| {c['n']} | {c['condition']} | {c['real']} + {c['synthetic']} | "
             f"{c['colour_mean']:.3f} ± {c['colour_std']:.3f} | {c['shape_mean']:.3f} ± {c['shape_std']:.3f} |"
         )
-    lines += ["", "| --min-score | kept | label agreement: mean | worst decile | mismatched (< 0.5) |"]
-    lines += ["|---|---|---|---|---|"]
-    for a in result["label_agreement"]:
-        s = "none" if a["min_score"] is None else f"{a['min_score']:g}"
-        mean = "-" if a["mean"] is None else f"{a['mean']:.3f}"
-        worst = "-" if a["worst_decile"] is None else f"{a['worst_decile']:.3f}"
-        lines.append(f"| {s} | {a['kept']} / {a['of']} | {mean} | {worst} | {a['mismatched']} |")
+    for key, what in (("label_agreement", "colour labels"), ("geometry_agreement", "shape geometry")):
+        lines += ["", f"| --min-score | kept | {what} agree: mean | worst decile | mismatched (< 0.5) |"]
+        lines += ["|---|---|---|---|---|"]
+        for a in result.get(key, []):
+            s = "none" if a["min_score"] is None else f"{a['min_score']:g}"
+            mean = "-" if a["mean"] is None else f"{a['mean']:.3f}"
+            worst = "-" if a["worst_decile"] is None else f"{a['worst_decile']:.3f}"
+            lines.append(f"| {s} | {a['kept']} / {a['of']} | {mean} | {worst} | {a['mismatched']} |")
     return "\n".join(lines)
