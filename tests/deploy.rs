@@ -100,9 +100,10 @@ fn ports_probes_and_grace_periods_line_up() {
             d.contains("LUMEN_HOST=0.0.0.0"),
             "{file}: must listen on all interfaces"
         );
+        // The probe follows LUMEN_PORT (8080 unless the container is run with another).
         assert!(
-            d.contains("http://127.0.0.1:8080/health"),
-            "{file}: HEALTHCHECK on /health"
+            d.contains("http://127.0.0.1:${LUMEN_PORT:-8080}/health"),
+            "{file}: HEALTHCHECK on /health at LUMEN_PORT"
         );
         assert!(d.contains("USER 10001"), "{file}: non-root user");
         assert!(
