@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use lumen::models::schedulers::{build, Scheduler, SchedulerKind};
 use lumen::Error;
 use serde_json::{json, Value};
@@ -359,4 +359,60 @@ fn step_index_out_of_range_is_an_error() {
         assert!(sched.scale_model_input(&x, 4).is_err(), "{kind}");
         assert!(sched.step(&x, 4, &x).is_err(), "{kind}");
     }
+}
+
+/// Every scheduler steps an f16 sample in f32 (Euler and DPM-Solver++ as
+/// diffusers do; DDIM too, where diffusers stays in f16): the f16 result is
+/// the f32 trajectory rounded to f16 at each step, not f16 arithmetic.
+#[test]
+fn f16_samples_are_stepped_in_f32() {
+    use candle_core::DType;
+    let steps = 6;
+    for kind in SchedulerKind::ALL {
+        let mut half = build(kind, &sd15(), steps, FILE).unwrap();
+        let mut full = build(kind, &sd15(), steps, FILE).unwrap();
+        let n = 64;
+        let noise: Vec<f32> = (0..n)
+            .map(|i| ((i * 37 % 23) as f32 / 11.5) - 1.0)
+            .collect();
+        let mut x = Tensor::from_vec(noise, (1, 4, 4, 4), &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F16)
+            .unwrap();
+        for i in 0..steps {
+            // A fixed "model output" in f16, the same bits for both.
+            let eps = (&x * 0.9).unwrap();
+            let got = half.step(&eps, i, &x).unwrap();
+            assert_eq!(
+                got.dtype(),
+                DType::F16,
+                "{kind}: the step changed the dtype"
+            );
+            let want = full
+                .step(
+                    &eps.to_dtype(DType::F32).unwrap(),
+                    i,
+                    &x.to_dtype(DType::F32).unwrap(),
+                )
+                .unwrap()
+                .to_dtype(DType::F16)
+                .unwrap();
+            assert_eq!(
+                values(&got),
+                values(&want),
+                "{kind}, step {i}: f16 arithmetic"
+            );
+            x = got;
+        }
+    }
+}
+
+/// A tensor's values as f32.
+fn values(t: &Tensor) -> Vec<f32> {
+    t.to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
 }

@@ -312,7 +312,8 @@ fn dtype_and_output_format_follow_the_request_model() {
     };
     let run = |dtype: &str, out: &Path| run_with(dtype, &[], out);
     let f32_img = run("f32", &tmp.path().join("a.png"));
-    let f16_img = run("f16", &tmp.path().join("b.png"));
+    // The f16 VAE: overriding the config's force_upcast (true in models/tiny).
+    let f16_img = run_with("f16", &["--vae-upcast=false"], &tmp.path().join("b.png"));
     let max = f32_img
         .as_raw()
         .iter()
@@ -333,6 +334,12 @@ fn dtype_and_output_format_follow_the_request_model() {
             / x.as_raw().len() as f64
     };
     assert_ne!(upcast, f16_img, "--vae-upcast changed nothing");
+    // Without the flag, the VAE config's force_upcast (true) decides.
+    let default = run("f16", &tmp.path().join("d.png"));
+    assert_eq!(
+        default, upcast,
+        "force_upcast: true in vae/config.json was not followed"
+    );
     assert!(
         mean(&upcast) <= mean(&f16_img),
         "upcast {} vs f16 {} (mean |Δ| to f32)",

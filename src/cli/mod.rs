@@ -99,9 +99,12 @@ pub struct SamplingArgs {
     #[arg(long, env = "LUMEN_DTYPE", default_value = "auto")]
     pub dtype: String,
     /// Decode with the VAE in f32 when the weights are f16 or bf16 (SD1.5's VAE can
-    /// overflow f16 at large sizes; diffusers' force_upcast). Costs the VAE's f32 memory.
-    #[arg(long, env = "LUMEN_VAE_UPCAST")]
-    pub vae_upcast: bool,
+    /// overflow f16 at large sizes). Default: the VAE config's force_upcast (true
+    /// unless the config says otherwise); --vae-upcast=false decodes in the weights'
+    /// dtype, saving the VAE's f32 memory.
+    #[arg(long, env = "LUMEN_VAE_UPCAST", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", value_name = "BOOL")]
+    pub vae_upcast: Option<bool>,
 }
 
 impl SamplingArgs {

@@ -60,8 +60,6 @@ impl ControlNet {
         let layout = UNetLayout::from_config(&r)?;
         r.require("controlnet_conditioning_channel_order", &[json!("rgb")])?;
         r.reject_true("global_pool_conditions")?;
-        // Both values are implemented (attention is computed in f32 anyway).
-        r.bool_or("upcast_attention", false)?;
         let conditioning_channels = r.usize_or("conditioning_channels", 3)?;
         let emb_channels =
             r.usizes_or("conditioning_embedding_out_channels", &[16, 32, 96, 256])?;

@@ -12,6 +12,8 @@ pub mod nn;
 pub mod pca;
 pub mod resnet;
 pub mod schedulers;
+#[cfg(test)]
+mod test_tensors;
 pub mod transformer2d;
 pub mod unet;
 pub mod unet_blocks;

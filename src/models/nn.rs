@@ -184,6 +184,98 @@ impl Conv2d {
     }
 }
 
+/// The most elements one candle convolution call may touch, in its im2col
+/// buffer or its output. candle's CUDA kernels launch over `elements as u32`
+/// (past 2^32 the index silently wraps), and a bound in bytes keeps the
+/// transient im2col buffer, which candle materializes whole, at 1 GiB.
+pub fn conv_call_elements(dtype: DType) -> usize {
+    const BYTES: usize = 1 << 30;
+    (BYTES / dtype.size_in_bytes()).min(i32::MAX as usize)
+}
+
+impl Conv2d {
+    /// candle's convolution, split into calls of at most `limit` elements
+    /// (see [`conv_call_elements`]): first by images, then by output rows,
+    /// each row block reading the input rows it needs, zero-padded by hand
+    /// where it meets the border. Every output element is the same dot
+    /// product as in one call.
+    pub fn forward_split(&self, x: &Tensor, limit: usize) -> Result<Tensor> {
+        let c = &self.config;
+        let (batch, c_in, h, w) = x.dims4()?;
+        let (c_out, c_in_group, kh, kw) = self.weight.dims4()?;
+        if c_in_group * c.groups != c_in {
+            candle_core::bail!(
+                "conv2d: input has {c_in} channels, the weight expects {}",
+                c_in_group * c.groups
+            );
+        }
+        let span =
+            |size: usize, k: usize| (size + 2 * c.padding).checked_sub(c.dilation * (k - 1) + 1);
+        let (Some(sh), Some(sw)) = (span(h, kh), span(w, kw)) else {
+            candle_core::bail!("conv2d: a {kh}×{kw} kernel does not fit a {h}×{w} input");
+        };
+        let (out_h, out_w) = (sh / c.stride + 1, sw / c.stride + 1);
+        // Elements of one output row of one image: its im2col columns or its
+        // output, whichever is larger.
+        let per_row = (out_w * c_in_group * kh * kw).max(c_out * out_w).max(1);
+        let per_image = per_row * out_h;
+        let limit = limit.max(1);
+        let y = if batch * per_image <= limit {
+            self.call(x, c.padding)?
+        } else if per_image <= limit {
+            let images = limit / per_image;
+            let mut parts = Vec::with_capacity(batch.div_ceil(images));
+            for start in (0..batch).step_by(images) {
+                let len = images.min(batch - start);
+                parts.push(self.call(&x.narrow(0, start, len)?, c.padding)?);
+            }
+            Tensor::cat(&parts, 0)?
+        } else {
+            let rows = (limit / per_row).max(1);
+            let mut images = Vec::with_capacity(batch);
+            for i in 0..batch {
+                let image = x.narrow(0, i, 1)?;
+                let mut parts = Vec::with_capacity(out_h.div_ceil(rows));
+                for r0 in (0..out_h).step_by(rows) {
+                    let n = rows.min(out_h - r0);
+                    // Input rows [first, last] (in padded coordinates shifted
+                    // back by the padding) that output rows r0..r0+n read.
+                    let first = (r0 * c.stride) as isize - c.padding as isize;
+                    let last = ((r0 + n - 1) * c.stride + c.dilation * (kh - 1)) as isize
+                        - c.padding as isize;
+                    let lo = first.max(0);
+                    let hi = last.min(h as isize - 1);
+                    let slice = if hi < lo {
+                        // The block reads only padding.
+                        let rows = (last - first + 1) as usize;
+                        Tensor::zeros((1, c_in, rows, w + 2 * c.padding), x.dtype(), x.device())?
+                    } else {
+                        let top = (lo - first) as usize;
+                        let bottom = (last - hi) as usize;
+                        image
+                            .narrow(2, lo as usize, (hi + 1 - lo) as usize)?
+                            .pad_with_zeros(2, top, bottom)?
+                            .pad_with_zeros(3, c.padding, c.padding)?
+                    };
+                    parts.push(self.call(&slice, 0)?);
+                }
+                images.push(Tensor::cat(&parts, 2)?);
+            }
+            Tensor::cat(&images, 0)?
+        };
+        match &self.bias {
+            Some(b) => y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?),
+            None => Ok(y),
+        }
+    }
+
+    fn call(&self, x: &Tensor, padding: usize) -> Result<Tensor> {
+        let c = &self.config;
+        x.contiguous()?
+            .conv2d(&self.weight, padding, c.stride, c.dilation, c.groups)
+    }
+}
+
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let c = &self.config;
@@ -194,11 +286,7 @@ impl Module for Conv2d {
         {
             return self.forward_cpu_f32(x);
         }
-        let y = x.conv2d(&self.weight, c.padding, c.stride, c.dilation, c.groups)?;
-        match &self.bias {
-            Some(b) => y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?),
-            None => Ok(y),
-        }
+        self.forward_split(x, conv_call_elements(x.dtype()))
     }
 }
 
@@ -317,4 +405,63 @@ pub fn group_norm(
         groups,
         eps,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::test_tensors::{max_diff, random};
+    use candle_nn::Conv2dConfig;
+
+    /// Forced splits (by images, by row blocks down to one row, blocks that
+    /// read only padding) give the unsplit convolution, for every stride,
+    /// padding, dilation and grouping the models use and some they don't.
+    #[test]
+    fn split_convolutions_equal_one_call() {
+        let cases = [
+            // (batch, c_in, c_out, h, w, kernel, stride, padding, dilation, groups)
+            (3, 4, 6, 9, 7, 3, 1, 1, 1, 1),
+            (2, 4, 8, 10, 9, 3, 2, 1, 1, 1),
+            (2, 6, 6, 8, 8, 3, 1, 2, 2, 3),
+            (2, 3, 5, 7, 6, 1, 1, 0, 1, 1),
+            (1, 2, 4, 6, 5, 4, 4, 0, 1, 1),
+            (2, 2, 3, 4, 4, 3, 1, 4, 1, 1),
+        ];
+        for (i, &(b, cin, cout, h, w, k, stride, padding, dilation, groups)) in
+            cases.iter().enumerate()
+        {
+            let config = Conv2dConfig {
+                padding,
+                stride,
+                dilation,
+                groups,
+                ..Default::default()
+            };
+            let weight = random(&[cout, cin / groups, k, k], 2 * i as u64);
+            let bias = random(&[cout], 2 * i as u64 + 1);
+            let conv = Conv2d::new(weight, Some(bias), config).unwrap();
+            let x = random(&[b, cin, h, w], 100 + i as u64);
+            let whole = conv.forward_split(&x, usize::MAX).unwrap();
+            if groups == 1 {
+                let fused = conv.forward_cpu_f32(&x).unwrap();
+                assert!(
+                    max_diff(&whole, &fused) < 1e-5,
+                    "case {i}: candle vs lumen kernel"
+                );
+            }
+            for limit in [1, 7, 40, 200, 1000, 5000] {
+                let split = conv.forward_split(&x, limit).unwrap();
+                let d = max_diff(&whole, &split);
+                assert!(d < 1e-5, "case {i}, limit {limit}: differs by {d}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_call_bound_is_below_both_index_limits() {
+        for dtype in [DType::F16, DType::BF16, DType::F32] {
+            let n = conv_call_elements(dtype);
+            assert!(n <= i32::MAX as usize && n * dtype.size_in_bytes() <= 1 << 30);
+        }
+    }
 }

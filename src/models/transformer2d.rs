@@ -23,6 +23,7 @@ use candle_nn::{LayerNorm, VarBuilder};
 
 use crate::models::attention;
 use crate::models::nn::{group_norm, linear_vb as linear, GroupNorm, Linear};
+use crate::models::unet_layout::UNetLayout;
 
 fn layer_norm(vb: &VarBuilder, dim: usize) -> Result<LayerNorm> {
     Ok(LayerNorm::new(
@@ -39,10 +40,18 @@ struct Attention {
     heads: usize,
     /// Self-attention reads keys and values from its own input.
     cross: bool,
+    /// Scores and softmax in f32 (`upcast_attention`).
+    upcast: bool,
 }
 
 impl Attention {
-    fn new(vb: &VarBuilder, dim: usize, context_dim: Option<usize>, heads: usize) -> Result<Self> {
+    fn new(
+        vb: &VarBuilder,
+        dim: usize,
+        context_dim: Option<usize>,
+        heads: usize,
+        upcast: bool,
+    ) -> Result<Self> {
         let cdim = context_dim.unwrap_or(dim);
         Ok(Self {
             q: linear(&vb.pp("to_q"), dim, dim, false)?,
@@ -53,6 +62,7 @@ impl Attention {
             out: linear(&vb.pp("to_out").pp(0), dim, dim, true)?,
             heads,
             cross: context_dim.is_some(),
+            upcast,
         })
     }
 
@@ -63,7 +73,7 @@ impl Attention {
         let k = attention::split_heads(&kv.narrow(2, 0, d)?, self.heads)?;
         let v = attention::split_heads(&kv.narrow(2, d, d)?, self.heads)?;
         let scale = 1.0 / ((d / self.heads) as f64).sqrt();
-        let a = attention::sdpa(&q, &k, &v, scale)?;
+        let a = attention::sdpa_upcast(&q, &k, &v, scale, self.upcast)?;
         self.out.forward(&attention::merge_heads(&a)?)
     }
 }
@@ -80,13 +90,19 @@ struct Block {
 }
 
 impl Block {
-    fn new(vb: &VarBuilder, dim: usize, context_dim: usize, heads: usize) -> Result<Self> {
+    fn new(
+        vb: &VarBuilder,
+        dim: usize,
+        context_dim: usize,
+        heads: usize,
+        upcast: bool,
+    ) -> Result<Self> {
         let inner = 4 * dim;
         Ok(Self {
             norm1: layer_norm(&vb.pp("norm1"), dim)?,
-            attn1: Attention::new(&vb.pp("attn1"), dim, None, heads)?,
+            attn1: Attention::new(&vb.pp("attn1"), dim, None, heads, upcast)?,
             norm2: layer_norm(&vb.pp("norm2"), dim)?,
-            attn2: Attention::new(&vb.pp("attn2"), dim, Some(context_dim), heads)?,
+            attn2: Attention::new(&vb.pp("attn2"), dim, Some(context_dim), heads, upcast)?,
             norm3: layer_norm(&vb.pp("norm3"), dim)?,
             ff_in: linear(
                 &vb.pp("ff").pp("net").pp(0).pp("proj"),
@@ -124,15 +140,16 @@ pub struct Transformer2D {
 }
 
 impl Transformer2D {
+    /// Norm groups, context width, projection kind and attention upcast
+    /// come from the UNet's layout.
     pub fn new(
         vb: &VarBuilder,
         channels: usize,
         heads: usize,
         depth: usize,
-        groups: usize,
-        context_dim: usize,
-        linear_projection: bool,
+        l: &UNetLayout,
     ) -> Result<Self> {
+        let linear_projection = l.use_linear_projection;
         let proj = |name: &str| -> Result<Proj> {
             Ok(if linear_projection {
                 Proj::Linear(linear(&vb.pp(name), channels, channels, true)?)
@@ -147,15 +164,16 @@ impl Transformer2D {
             })
         };
         Ok(Self {
-            norm: group_norm(groups, channels, 1e-6, vb.pp("norm"))?,
+            norm: group_norm(l.norm_num_groups, channels, 1e-6, vb.pp("norm"))?,
             proj_in: proj("proj_in")?,
             blocks: (0..depth)
                 .map(|i| {
                     Block::new(
                         &vb.pp("transformer_blocks").pp(i),
                         channels,
-                        context_dim,
+                        l.cross_attention_dim,
                         heads,
+                        l.upcast_attention,
                     )
                 })
                 .collect::<Result<_>>()?,

@@ -41,8 +41,6 @@ impl UNet {
                 ));
             }
         }
-        // Both values are implemented (attention is computed in f32 anyway).
-        r.bool_or("upcast_attention", false)?;
         r.reject_true("mid_block_only_cross_attention")?;
         if layout.center_input_sample {
             return Err(r.unsupported("center_input_sample", "= true"));
@@ -57,6 +55,12 @@ impl UNet {
             down,
             up: upp,
         })
+    }
+
+    /// The time embedding `[1 or B, 4·C0]` of each row's timestep, in the
+    /// dtype of `like` (the projection itself runs in f32).
+    pub fn time_embedding(&self, timesteps: &[f64], like: &Tensor) -> Result<Tensor> {
+        Ok(self.down.time(timesteps, like)?)
     }
 
     /// Noise prediction for `latents` [B, C, h, w] at `timestep`, with the

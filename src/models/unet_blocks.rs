@@ -10,7 +10,7 @@
 
 use super::nn::{conv2d, group_norm, Conv2d, GroupNorm};
 use crate::models::resnet::{ResnetBlock2D, ResnetConfig};
-use candle_core::{Module, Tensor};
+use candle_core::{DType, Module, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbedding, Timesteps};
 
@@ -46,15 +46,7 @@ fn transformer(
     depth: usize,
     l: &UNetLayout,
 ) -> CResult<Transformer2D> {
-    Transformer2D::new(
-        &vb,
-        channels,
-        heads,
-        depth,
-        l.norm_num_groups,
-        l.cross_attention_dim,
-        l.use_linear_projection,
-    )
+    Transformer2D::new(&vb, channels, heads, depth, l)
 }
 
 /// A resnet followed, in cross-attention blocks, by a spatial transformer.
@@ -190,9 +182,14 @@ impl DownPath {
     /// rows (gemm takes other paths for other row counts), so an image gets
     /// the same bits alone or beside items at other steps.
     pub fn time(&self, timesteps: &[f64], like: &Tensor) -> CResult<Tensor> {
+        // The sinusoidal projection runs in f32 and is cast to the model's
+        // dtype only after it, as diffusers does: in f16 the timestep itself
+        // rounds (Euler's fractional steps) and the phase at t near 1000
+        // errs by up to half a radian.
         let one = |t: f64| -> CResult<Tensor> {
-            let t = (Tensor::ones(1, like.dtype(), like.device())? * t)?;
-            self.time_embedding.forward(&self.time_proj.forward(&t)?)
+            let t = (Tensor::ones(1, DType::F32, like.device())? * t)?;
+            let projected = self.time_proj.forward(&t)?.to_dtype(like.dtype())?;
+            self.time_embedding.forward(&projected)
         };
         let Some(&first) = timesteps.first() else {
             candle_core::bail!("no timestep for the batch");

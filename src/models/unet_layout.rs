@@ -37,6 +37,9 @@ pub struct UNetLayout {
     pub center_input_sample: bool,
     /// Transformer layers of the mid block.
     pub mid_transformer_layers: usize,
+    /// Attention scores and softmax in f32 whatever the weights' dtype
+    /// (diffusers' `upcast_attention`, set by SD2 configs).
+    pub upcast_attention: bool,
 }
 
 impl UNetLayout {
@@ -130,6 +133,7 @@ impl UNetLayout {
             mid_block_scale_factor: r.f64_or("mid_block_scale_factor", 1.0)?,
             center_input_sample: r.bool_or("center_input_sample", false)?,
             mid_transformer_layers,
+            upcast_attention: r.bool_or("upcast_attention", false)?,
         })
     }
 

@@ -38,6 +38,9 @@ pub struct VaeConfig {
     pub use_post_quant_conv: bool,
     pub scaling_factor: f64,
     pub shift_factor: f64,
+    /// Decode in f32 when the rest runs in f16 or bf16 (diffusers'
+    /// `force_upcast`, true by default: SD1.5's VAE overflows f16).
+    pub force_upcast: bool,
 }
 
 impl VaeConfig {
@@ -90,6 +93,7 @@ impl VaeConfig {
             use_post_quant_conv: r.bool_or("use_post_quant_conv", true)?,
             scaling_factor: r.f64_or("scaling_factor", 0.18215)?,
             shift_factor: r.opt_f64("shift_factor")?.unwrap_or(0.0),
+            force_upcast: r.bool_or("force_upcast", true)?,
         })
     }
 

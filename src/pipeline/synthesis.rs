@@ -37,6 +37,7 @@ pub struct SynthesisModel {
     spec: SynthesisSpec,
     device: Device,
     dtype: DType,
+    vae_dtype: DType,
 }
 
 /// The dtypes of the diffusion half.
@@ -44,24 +45,31 @@ pub struct SynthesisModel {
 pub struct Precision {
     /// Text encoder, UNet, ControlNet (and the denoising loop).
     pub weights: DType,
-    /// The VAE decode: f32 when upcast (SD1.5's VAE can overflow f16 at
-    /// large sizes; diffusers' `force_upcast`), else as the weights.
-    pub vae: DType,
+    /// Decode with the VAE in f32 when the weights are f16 or bf16: `None`
+    /// follows the VAE config's `force_upcast` (SD1.5's VAE can overflow
+    /// f16 at large sizes), `Some` overrides it.
+    pub vae_upcast: Option<bool>,
 }
 
 impl Precision {
+    /// Every part, the VAE included, in `dtype`.
     pub fn uniform(dtype: DType) -> Self {
+        Self::new(dtype, Some(false))
+    }
+
+    pub fn new(dtype: DType, vae_upcast: Option<bool>) -> Self {
         Self {
             weights: dtype,
-            vae: dtype,
+            vae_upcast,
         }
     }
 
-    /// `dtype` for the weights; the VAE in f32 when `vae_upcast`.
-    pub fn new(dtype: DType, vae_upcast: bool) -> Self {
-        Self {
-            weights: dtype,
-            vae: if vae_upcast { DType::F32 } else { dtype },
+    /// The VAE's dtype, given its config's `force_upcast`.
+    pub fn vae_dtype(&self, force_upcast: bool) -> DType {
+        if self.vae_upcast.unwrap_or(force_upcast) {
+            DType::F32
+        } else {
+            self.weights
         }
     }
 }
@@ -102,7 +110,7 @@ impl SynthesisModel {
     }
 
     /// [`Self::load`] with the text encoder, UNet and ControlNet in
-    /// `p.weights` and the VAE in `p.vae`.
+    /// `p.weights` and the VAE in [`Precision::vae_dtype`].
     pub fn load_with(src: &ModelSource, device: &Device, p: Precision) -> Result<Self> {
         Self::load_spec(src, SynthesisSpec::read(src)?, device, p)
     }
@@ -119,7 +127,8 @@ impl SynthesisModel {
         let text = TextConditioner::load(src, device, dtype)?;
         let unet = UNet::load(src, device, dtype)?;
         let controlnet = ControlNet::load(src, device, dtype)?;
-        let vae = Vae::load(src, device, p.vae)?;
+        let vae_dtype = p.vae_dtype(spec.vae.force_upcast);
+        let vae = Vae::load(src, device, vae_dtype)?;
         let kmax = spec.max_components;
         let controlnet_config = src.path("controlnet/config.json");
         if controlnet.conditioning_channels != kmax {
@@ -173,12 +182,18 @@ impl SynthesisModel {
             spec,
             device: device.clone(),
             dtype,
+            vae_dtype,
         })
     }
 
     /// The UNet's and ControlNet's dtype.
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// The VAE's dtype (see [`Precision::vae_dtype`]).
+    pub fn vae_dtype(&self) -> DType {
+        self.vae_dtype
     }
 
     pub fn device(&self) -> &Device {

@@ -17,8 +17,8 @@ use candle_core::Tensor;
 use serde_json::Value;
 
 use super::common::{
-    check_index, check_steps, leading, lin_comb, np_linspace, trailing, Prediction, Spacing,
-    TrainSchedule,
+    as_f32, check_index, check_steps, leading, lin_comb, np_linspace, trailing, Prediction,
+    Spacing, TrainSchedule,
 };
 use super::Scheduler;
 use crate::error::{Error, Result};
@@ -127,6 +127,12 @@ impl Scheduler for DdimScheduler {
         sample: &Tensor,
     ) -> Result<Tensor> {
         check_index(step_index, self.steps.len())?;
+        // In f32 whatever the model's dtype, as Euler and DPM-Solver++ (and
+        // their diffusers counterparts) do; diffusers' DDIM stays in the
+        // model's dtype, which in f16 rounds 1/sqrt(alpha) near t = 999.
+        let out_dtype = model_output.dtype();
+        let sample = &as_f32(sample)?;
+        let model_output = &as_f32(model_output)?;
         let t = self.steps[step_index];
         let alpha_t = self.alphas_cumprod[t];
         let alpha_prev = match t.checked_sub(self.step_ratio) {
@@ -159,7 +165,7 @@ impl Scheduler for DdimScheduler {
         };
         let prev = lin_comb(&[(sa_prev, &pred_x0), (sb_prev, &pred_eps)])?;
         self.last_x0 = Some(pred_x0);
-        Ok(prev)
+        Ok(prev.to_dtype(out_dtype)?)
     }
 
     fn predicted_original(&self) -> Option<&Tensor> {
