@@ -93,10 +93,34 @@ pub enum Error {
     #[error("stopped by {}: a rerun of the same command continues", crate::jobs::interrupt::signal_name(*.signal))]
     Interrupted { signal: i32 },
 
+    /// The device failed in a way that poisons its context (an illegal
+    /// address, a kernel fault): every later call on it would fail too. The
+    /// server turns not ready and exits non-zero so that it is replaced.
+    #[error(
+        "the device failed and cannot go on ({0}); this process stops so that it can be replaced"
+    )]
+    DeviceFailed(String),
+
     /// Anything else that is lumen's own fault.
     #[error("internal error: {0}")]
     Internal(String),
 }
+
+/// CUDA driver errors after which the context is unusable ("sticky"
+/// errors: every later call returns them), as cudarc spells them. Running
+/// out of memory is not among them: the next, smaller batch can succeed.
+const STICKY_DEVICE_ERRORS: [&str; 10] = [
+    "CUDA_ERROR_ILLEGAL_ADDRESS",
+    "CUDA_ERROR_ILLEGAL_INSTRUCTION",
+    "CUDA_ERROR_MISALIGNED_ADDRESS",
+    "CUDA_ERROR_INVALID_ADDRESS_SPACE",
+    "CUDA_ERROR_INVALID_PC",
+    "CUDA_ERROR_LAUNCH_FAILED",
+    "CUDA_ERROR_HARDWARE_STACK_ERROR",
+    "CUDA_ERROR_ASSERT",
+    "CUDA_ERROR_ECC_UNCORRECTABLE",
+    "CUDA_ERROR_CONTEXT_IS_DESTROYED",
+];
 
 impl From<candle_core::Error> for Error {
     fn from(e: candle_core::Error) -> Self {
@@ -133,6 +157,25 @@ impl Error {
         }
     }
 
+    /// Whether the device is unusable after this error (see
+    /// [`Error::DeviceFailed`]).
+    pub fn is_device_fatal(&self) -> bool {
+        match self {
+            Error::DeviceFailed(_) => true,
+            Error::Tensor(e) => {
+                let mut text = format!("{e} {e:?}");
+                let mut source = std::error::Error::source(&**e);
+                while let Some(s) = source {
+                    text.push(' ');
+                    text.push_str(&s.to_string());
+                    source = s.source();
+                }
+                STICKY_DEVICE_ERRORS.iter().any(|name| text.contains(name))
+            }
+            _ => false,
+        }
+    }
+
     /// The request field or parameter this error is about, if any.
     pub fn field(&self) -> Option<&str> {
         match self {
@@ -156,5 +199,20 @@ mod tests {
         let t: Error = candle_core::Error::Msg("shape mismatch".into()).into();
         assert!(t.clone().to_string().contains("shape mismatch"));
         assert_eq!(Error::param("steps", "x").field(), Some("steps"));
+    }
+
+    #[test]
+    fn sticky_device_errors_are_fatal_and_out_of_memory_is_not() {
+        // As candle reports cudarc's driver errors.
+        let driver = |name: &str| -> Error {
+            candle_core::Error::Msg(format!("DriverError({name}, \"...\")"))
+                .context("softmax")
+                .into()
+        };
+        assert!(driver("CUDA_ERROR_ILLEGAL_ADDRESS").is_device_fatal());
+        assert!(driver("CUDA_ERROR_LAUNCH_FAILED").is_device_fatal());
+        assert!(!driver("CUDA_ERROR_OUT_OF_MEMORY").is_device_fatal());
+        assert!(!Error::param("steps", "CUDA_ERROR_ILLEGAL_ADDRESS").is_device_fatal());
+        assert!(Error::DeviceFailed("x".into()).is_device_fatal());
     }
 }

@@ -75,7 +75,7 @@ pub struct ErrorDetail {
     /// unknown_image, job_not_succeeded, not_found,
     /// method_not_allowed, payload_too_large, unsupported_media_type,
     /// not_acceptable, overloaded, over_time_budget, timeout, cancelled,
-    /// not_ready, shutting_down, internal.
+    /// not_ready, shutting_down, device_failed, internal.
     pub code: String,
     /// What was wrong, naming the field at fault.
     pub message: String,
@@ -84,7 +84,8 @@ pub struct ErrorDetail {
 /// `GET /health` and `GET /ready`.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct Status {
-    /// `ok`, `loading` or `shutting_down`.
+    /// `ok`, `loading`, `shutting_down`, or `failed` (the models could not
+    /// load, or the device failed: the process is exiting non-zero).
     pub status: String,
     /// The model's identity, from its content (`sha256:` and 16 hex digits):
     /// the same model files give the same identity wherever they are.

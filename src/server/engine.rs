@@ -20,14 +20,22 @@
 //!
 //! Either way a job is checked before every step: cancel, disconnect or
 //! deadline frees the engine within one step.
+//!
+//! An error that leaves the device unusable ([`Error::is_device_fatal`]:
+//! an illegal address, a kernel fault) ends the thread: the jobs in flight
+//! and in the queue are answered [`Error::DeviceFailed`], the queue is
+//! aborted and the error goes to [`EngineOptions::failed`], on which the
+//! server turns not ready and exits non-zero, so that the orchestrator
+//! replaces this replica instead of it failing every request.
 
+use std::cell::OnceCell;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use candle_core::Device;
 use image::RgbImage;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{Error, Result};
 use crate::model_folder::ModelSource;
@@ -61,6 +69,8 @@ pub struct EngineOptions {
     pub scheduling: Scheduling,
     /// Request scheduling: how long the oldest job waits for a batch to fill.
     pub max_wait: Duration,
+    /// Where a device failure is reported (see the module docs).
+    pub failed: mpsc::UnboundedSender<Error>,
 }
 
 /// What the engine reports once loaded and measured.
@@ -131,6 +141,9 @@ struct Engine {
     active: Vec<Active>,
     /// The latent size whose turn was last (sizes take turns).
     last_size: Option<(usize, usize)>,
+    /// The first error that left the device unusable.
+    fatal: OnceCell<Error>,
+    failed: mpsc::UnboundedSender<Error>,
 }
 
 /// What one pass of the loop found.
@@ -155,7 +168,7 @@ impl Engine {
             model = %specs.model,
             device = %crate::config::device_name(&opts.device),
             dtype = %crate::config::dtype_name(opts.precision.weights),
-            vae_dtype = %crate::config::dtype_name(opts.precision.vae),
+            vae_dtype = %crate::config::dtype_name(synthesis.vae_dtype()),
             seconds = t.elapsed().as_secs_f64(),
             "models loaded"
         );
@@ -169,6 +182,8 @@ impl Engine {
             max_wait: opts.max_wait,
             active: Vec::new(),
             last_size: None,
+            fatal: OnceCell::new(),
+            failed: opts.failed,
         })
     }
 
@@ -302,6 +317,21 @@ impl Engine {
     /// and the thread goes on.
     fn serve(&mut self, queue: &Queue) {
         loop {
+            if let Some(e) = self.fatal.get().cloned() {
+                tracing::error!(
+                    error = %e,
+                    jobs = self.active.len(),
+                    "the device failed: answering every job and stopping"
+                );
+                for a in self.active.drain(..) {
+                    let _ = a.job.reply.send(Err(e.clone()));
+                }
+                queue.abort();
+                queue.fail_all(&e);
+                let _ = self.failed.send(e);
+                self.gauges();
+                return;
+            }
             let tick = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.tick(queue)));
             match tick {
                 Ok(Tick::Exit) => return,
@@ -317,6 +347,12 @@ impl Engine {
             }
             self.gauges();
         }
+    }
+
+    /// Keep `e` as the engine's end if it leaves the device unusable; hand
+    /// it back for the jobs it fails.
+    fn observe(&self, e: Error) -> Error {
+        observe(&self.fatal, e)
     }
 
     fn active_images(&self) -> usize {
@@ -434,7 +470,7 @@ impl Engine {
                 Ok(l) => encoded = l.into_iter(),
                 Err(e) => {
                     drop(guides);
-                    return fail_all(syntheses, &e);
+                    return fail_all(syntheses, &self.observe(e));
                 }
             }
             layout_s = t.elapsed().as_secs_f64();
@@ -472,7 +508,7 @@ impl Engine {
                     started: None,
                 }),
                 Err(e) => {
-                    let _ = job.reply.send(Err(e));
+                    let _ = job.reply.send(Err(self.observe(e)));
                 }
             }
         }
@@ -511,7 +547,7 @@ impl Engine {
                 }
             }
             Ok(_) => fail_all(jobs, &Error::Internal("layout count mismatch".into())),
-            Err(e) => fail_all(jobs, &e),
+            Err(e) => fail_all(jobs, &self.observe(e)),
         }
     }
 
@@ -579,6 +615,7 @@ impl Engine {
         ::metrics::histogram!(metrics::BATCH_SIZE, "kind" => "synthesis")
             .record(picked.len() as f64);
         if let Err(e) = result {
+            let e = self.observe(e);
             tracing::error!(error = %e, jobs = picked.len(), "a denoising step failed");
             let mut i = self.active.len();
             while i > 0 {
@@ -603,7 +640,9 @@ impl Engine {
                     let t = Instant::now();
                     match map.png(&x0) {
                         Ok(png) => a.job.watch.preview(step, png),
-                        Err(e) => tracing::warn!(error = %e, "preview failed"),
+                        Err(e) => {
+                            tracing::warn!(error = %observe(&self.fatal, e), "preview failed")
+                        }
                     }
                     metrics::stage("preview", t.elapsed().as_secs_f64());
                 }
@@ -644,7 +683,7 @@ impl Engine {
             match gen.decode(&self.synthesis, n) {
                 Ok(img) => images.push(img),
                 Err(e) => {
-                    let _ = job.reply.send(Err(e));
+                    let _ = job.reply.send(Err(self.observe(e)));
                     return;
                 }
             }
@@ -655,7 +694,7 @@ impl Engine {
         let scores = match gen.score(Some(&self.layout), &images) {
             Ok(s) => s,
             Err(e) => {
-                let _ = job.reply.send(Err(e));
+                let _ = job.reply.send(Err(self.observe(e)));
                 return;
             }
         };
@@ -670,6 +709,15 @@ impl Engine {
             timings,
         }));
     }
+}
+
+/// Keep `e` in `fatal` if it leaves the device unusable (the first such
+/// error wins); hand it back for the jobs it fails.
+fn observe(fatal: &OnceCell<Error>, e: Error) -> Error {
+    if e.is_device_fatal() && fatal.get().is_none() {
+        let _ = fatal.set(Error::DeviceFailed(e.to_string()));
+    }
+    e
 }
 
 /// The fastest of `n` runs of `f`, in seconds (the first pays for first use).
@@ -723,5 +771,56 @@ mod tests {
                 other => panic!("expected the I/O error, got {:?}", other.map(|r| r.err())),
             }
         }
+    }
+
+    /// After an error that poisons the device, the thread answers the job
+    /// in the queue with it, refuses more, reports it and stops.
+    #[test]
+    fn a_device_failure_fails_the_queue_reports_and_stops() {
+        let (failed, mut reports) = mpsc::unbounded_channel();
+        let mut engine = Engine::load(EngineOptions {
+            source: ModelSource::Dir(
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny"),
+            ),
+            device: Device::Cpu,
+            precision: Precision::uniform(candle_core::DType::F32),
+            max_batch: 2,
+            scheduling: Scheduling::Step,
+            max_wait: Duration::ZERO,
+            failed,
+        })
+        .unwrap();
+        let queue = Queue::new(4, Duration::from_secs(10));
+        let (tx, mut reply) = oneshot::channel();
+        let guide = crate::guide::prepare_pixels(14, &RgbImage::new(28, 28), 28).unwrap();
+        queue
+            .push(Job {
+                work: Work::Layout(guide),
+                reply: tx,
+                enqueued: Instant::now(),
+                deadline: Instant::now() + Duration::from_secs(10),
+                watch: Arc::new(Unwatched),
+                permit: queue.try_permit().unwrap(),
+            })
+            .unwrap();
+        // What candle reports for cudarc's sticky illegal-address error.
+        let driver = candle_core::Error::Msg(
+            "DriverError(CUDA_ERROR_ILLEGAL_ADDRESS, \"an illegal memory access was encountered\")"
+                .into(),
+        );
+        let seen = engine.observe(driver.into());
+        assert!(
+            matches!(seen, Error::Tensor(_)),
+            "the job that hit it keeps the cause"
+        );
+        engine.serve(&queue);
+        match reply.try_recv() {
+            Ok(Err(Error::DeviceFailed(m))) => {
+                assert!(m.contains("CUDA_ERROR_ILLEGAL_ADDRESS"), "{m}")
+            }
+            other => panic!("expected DeviceFailed, got {:?}", other.map(|r| r.err())),
+        }
+        assert!(matches!(reports.try_recv(), Ok(Error::DeviceFailed(_))));
+        assert!(queue.is_aborted() && queue.is_closed());
     }
 }

@@ -84,6 +84,7 @@ impl ApiError {
                 Error::Cancelled => (StatusCode::SERVICE_UNAVAILABLE, "cancelled"),
                 Error::DeadlineExceeded { .. } => (StatusCode::SERVICE_UNAVAILABLE, "timeout"),
                 Error::OverBudget { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "over_time_budget"),
+                Error::DeviceFailed(_) => (StatusCode::SERVICE_UNAVAILABLE, "device_failed"),
                 Error::ModelFile { .. }
                 | Error::Io { .. }
                 | Error::Tensor(_)

@@ -38,7 +38,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use axum::Router;
-use tokio::sync::oneshot;
+use tokio::sync::mpsc;
 
 use crate::config::{device_name, dtype_name, parse_device, parse_dtype};
 use crate::error::{Error, Result};
@@ -74,7 +74,9 @@ pub struct Service {
     pub router: Router,
     pub state: Arc<AppState>,
     queue: Arc<Queue>,
-    load_failed: Option<oneshot::Receiver<Error>>,
+    /// Why the service cannot serve: the models did not load, or the
+    /// device failed later (see [`engine`]).
+    failed: Option<mpsc::UnboundedReceiver<Error>>,
     thread: std::thread::JoinHandle<()>,
 }
 
@@ -104,6 +106,7 @@ impl Service {
             api_key: args.api_key.as_deref().map(state::ApiKey::new),
             protect_all: args.protect_all,
             shutting_down: AtomicBool::new(false),
+            failed: AtomicBool::new(false),
             model_identity: source.identity()?,
             model_path: source.location(),
             openapi_generic: openapi::to_pretty(&openapi::document_with(
@@ -123,6 +126,7 @@ impl Service {
             webhook_allow: WebhookAllow::parse(&args.webhook_allow)?,
         });
         let router = router::router(state.clone(), &args.cors_origin)?;
+        let (failed_tx, failed_rx) = mpsc::unbounded_channel::<Error>();
         let (ready, thread) = engine::start(
             EngineOptions {
                 source,
@@ -131,13 +135,13 @@ impl Service {
                 max_batch: args.max_batch,
                 scheduling: args.scheduling,
                 max_wait: Duration::from_millis(args.max_wait_ms),
+                failed: failed_tx.clone(),
             },
             queue.clone(),
         )?;
 
         // Readiness flips once the models are loaded and warmed up and their
         // bounds under the limits are known; a failure stops the service.
-        let (failed_tx, failed_rx) = oneshot::channel::<Error>();
         {
             let state = state.clone();
             let (device, dtype) = (device_name(&device), dtype_name(dtype));
@@ -207,7 +211,7 @@ impl Service {
             router,
             state,
             queue,
-            load_failed: Some(failed_rx),
+            failed: Some(failed_rx),
             thread,
         })
     }
@@ -218,7 +222,7 @@ impl Service {
             if self.state.ready.get().is_some() {
                 return Ok(());
             }
-            if let Some(rx) = &mut self.load_failed {
+            if let Some(rx) = &mut self.failed {
                 if let Ok(e) = rx.try_recv() {
                     return Err(e);
                 }
@@ -249,7 +253,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         .map_err(|e| Error::Internal(e.to_string()))?;
     tracing::info!(address = %local, "listening");
 
-    let load_failed = service.load_failed.take();
+    let failed = service.failed.take();
     let load_error: Arc<Mutex<Option<Error>>> = Arc::new(Mutex::new(None));
     let shutdown = {
         let state = service.state.clone();
@@ -259,15 +263,18 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         let queue = service.queue.clone();
         async move {
             let failed = async {
-                match load_failed {
-                    Some(rx) => rx.await.ok(),
+                match failed {
+                    Some(mut rx) => rx.recv().await,
                     None => None,
                 }
             };
             let signalled = tokio::select! {
                 _ = shutdown_signal() => true,
                 Some(e) = failed => {
-                    tracing::error!(error = %e, "cannot load the models");
+                    // The models did not load, or the device failed: exit
+                    // non-zero (after the drain) so that the replica is replaced.
+                    tracing::error!(error = %e, "the service cannot serve; stopping");
+                    state.failed.store(true, Ordering::SeqCst);
                     *load_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
                     false
                 }

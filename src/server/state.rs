@@ -77,6 +77,8 @@ pub struct AppState {
     /// The key also guards /metrics, /docs and /openapi.json.
     pub protect_all: bool,
     pub shutting_down: AtomicBool,
+    /// The models did not load or the device failed: the process is exiting.
+    pub failed: AtomicBool,
     pub model_identity: String,
     /// Where the model folder is (its path, or `embedded:models/shapes`).
     pub model_path: String,

@@ -25,7 +25,7 @@ pub async fn health(State(state): State<Arc<AppState>>) -> Json<Status> {
 #[utoipa::path(get, path = "/ready", tag = "lumen",
     responses(
         (status = 200, description = "Ready to serve", body = Status),
-        (status = 503, description = "Loading or shutting down", body = Status),
+        (status = 503, description = "Loading, shutting down or failed", body = Status),
     ))]
 pub async fn ready(State(state): State<Arc<AppState>>) -> (StatusCode, Json<Status>) {
     let s = status(&state);
@@ -76,6 +76,7 @@ fn status(state: &AppState) -> Status {
     let ready = state.ready.get();
     Status {
         status: match (shutting, ready) {
+            _ if state.failed.load(Ordering::SeqCst) => "failed",
             (true, _) => "shutting_down",
             (false, Some(_)) => "ok",
             (false, None) => "loading",
