@@ -8,11 +8,13 @@
 //! cargo test --release --test full_size -- --ignored --nocapture
 //! ```
 //!
-//! `LUMEN_BIG_MODELS` points elsewhere if the folder lives somewhere else.
+//! `LUMEN_BIG_MODELS` points elsewhere if the folder lives somewhere else;
+//! `LUMEN_TEST_DEVICE` / `LUMEN_TEST_DTYPE` run it on a GPU (tests/common).
+
+mod common;
 
 use std::path::PathBuf;
 
-use candle_core::Device;
 use lumen::model_folder::ModelSource;
 use lumen::models::schedulers::SchedulerKind;
 use lumen::pipeline::layout::LayoutModel;
@@ -27,7 +29,8 @@ fn sd15_sized_models_run_one_512_step() {
             PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/.cache/sd15-random")
         });
     let src = ModelSource::Dir(dir);
-    let layout_model = LayoutModel::load(&src, &Device::Cpu).expect("encoder and PCA load");
+    let layout_model =
+        LayoutModel::load(&src, &common::test_device()).expect("encoder and PCA load");
     assert_eq!(layout_model.encoder.hidden_size(), 1024);
     let guide = image::open(concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -39,7 +42,8 @@ fn sd15_sized_models_run_one_512_step() {
     let layout = layout_model.layouts(&[(&prepared, 32)]).unwrap().remove(0);
     assert_eq!(layout.grid, (26, 37));
     drop(layout_model);
-    let model = SynthesisModel::load(&src, &Device::Cpu).expect("full-size model set loads");
+    let model = SynthesisModel::load_as(&src, &common::test_device(), common::test_dtype())
+        .expect("full-size model set loads");
     assert_eq!(model.unet.layout.blocks.len(), 4);
     assert_eq!(model.vae.factor, 8);
     let settings = SynthesisSettings {

@@ -16,7 +16,11 @@ use lumen::pipeline::layout::{LayoutModel, PreparedGuide};
 const TOL: f32 = 1e-4;
 
 fn load(models: &str) -> LayoutModel {
-    LayoutModel::load(&ModelSource::Dir(root().join(models)), &Device::Cpu).expect("model loads")
+    LayoutModel::load(
+        &ModelSource::Dir(root().join(models)),
+        &common::test_device(),
+    )
+    .expect("model loads")
 }
 
 fn prepared(model: &LayoutModel, image: &str, layout_size: u32) -> PreparedGuide {
@@ -93,14 +97,19 @@ fn batch_gives_the_same_layout_as_alone() {
     let b = prepared(&model, &same[1].image, same[1].layout_size);
     let batched = model.layouts(&[(&a, 4), (&b, 4)]).unwrap();
     let alone = model.layouts(&[(&b, 4)]).unwrap();
-    assert_close("batched vs alone", &batched[1].data, &alone[0].data, 1e-5);
+    assert_close(
+        "batched vs alone",
+        &batched[1].data,
+        &alone[0].data,
+        common::tol(1e-5),
+    );
 }
 
 #[test]
 fn embedded_model_is_models_shapes() {
     let folder = root().join(lumen::model_folder::embedded::DIR);
     let dir = load(lumen::model_folder::embedded::DIR);
-    let emb = LayoutModel::load(&ModelSource::Embedded, &Device::Cpu).unwrap();
+    let emb = LayoutModel::load(&ModelSource::Embedded, &common::test_device()).unwrap();
     let a = prepared(&dir, "tests/fixtures/images/shapes-guide.png", 64);
     let x = dir.layouts(&[(&a, 5)]).unwrap().remove(0);
     let y = emb.layouts(&[(&a, 5)]).unwrap().remove(0);
@@ -185,8 +194,11 @@ fn f16_checkpoint_loads_as_f32() {
         .collect();
     candle_core::safetensors::save(&half, dir.path().join("encoder/model.safetensors")).unwrap();
     let full = load("models/tiny");
-    let halfm =
-        LayoutModel::load(&ModelSource::Dir(dir.path().to_path_buf()), &Device::Cpu).unwrap();
+    let halfm = LayoutModel::load(
+        &ModelSource::Dir(dir.path().to_path_buf()),
+        &common::test_device(),
+    )
+    .unwrap();
     assert_eq!(halfm.encoder.dtype(), DType::F32);
     let (_, case) = cases().into_iter().find(|(n, _)| n == "tiny").unwrap();
     let g = &case.guides[0];

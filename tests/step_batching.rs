@@ -36,6 +36,8 @@ fn settings(steps: usize, scheduler: SchedulerKind) -> SynthesisSettings {
     }
 }
 
+/// On the CPU whatever `LUMEN_TEST_DEVICE` says: bit identity is a property
+/// of lumen's CPU kernels, not of cuBLAS.
 #[test]
 fn a_generation_stepped_beside_others_is_bit_identical_to_alone() {
     let src = ModelSource::from_arg(Some(common::tiny_models().into()));
@@ -108,8 +110,9 @@ fn a_generation_stepped_beside_others_is_bit_identical_to_alone() {
 #[test]
 fn denoisings_of_different_sizes_do_not_step_together() {
     let src = ModelSource::from_arg(Some(common::tiny_models().into()));
-    let lm = LayoutModel::load(&src, &Device::Cpu).unwrap();
-    let model = SynthesisModel::load(&src, &Device::Cpu).unwrap();
+    let device = common::test_device();
+    let lm = LayoutModel::load(&src, &device).unwrap();
+    let model = SynthesisModel::load_as(&src, &device, common::test_dtype()).unwrap();
     let img = image::open(common::guide_path()).unwrap().to_rgb8();
     let g = lm.prepare(&img, None).unwrap();
     let full = lm

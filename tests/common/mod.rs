@@ -9,8 +9,12 @@ use std::process::{Command, Output};
 use candle_core::{Device, Tensor};
 use serde::Deserialize;
 
+/// The checkout: `LUMEN_TEST_ROOT` when a test binary runs away from the
+/// tree it was built in (scripts/gpu_check.sh), else the crate's folder.
 pub fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    std::env::var_os("LUMEN_TEST_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
 }
 
 /// The random-weight test model, `models/tiny` (the binary embeds another).
@@ -50,6 +54,54 @@ pub fn cases() -> Vec<(String, ModelCase)> {
 pub fn reference(name: &str) -> HashMap<String, Tensor> {
     let path = root().join(format!("tests/fixtures/reference/{name}.safetensors"));
     candle_core::safetensors::load(&path, &Device::Cpu).expect("reference tensors")
+}
+
+/// The device the model tests run on: `LUMEN_TEST_DEVICE` (`cpu`, `cuda`,
+/// `cuda:N`; default `cpu`). scripts/gpu_check.sh sets it on a GPU machine.
+pub fn test_device() -> Device {
+    let spec = std::env::var("LUMEN_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
+    lumen::config::parse_device(&spec).unwrap_or_else(|e| panic!("LUMEN_TEST_DEVICE: {e}"))
+}
+
+/// The diffusion weights' dtype in the model tests: `LUMEN_TEST_DTYPE`
+/// (`f32`, `f16`, `bf16`; default `f32`). The encoder and PCA are f32 always.
+pub fn test_dtype() -> candle_core::DType {
+    let spec = std::env::var("LUMEN_TEST_DTYPE").unwrap_or_else(|_| "f32".into());
+    lumen::config::parse_dtype(&spec, &test_device())
+        .unwrap_or_else(|e| panic!("LUMEN_TEST_DTYPE: {e}"))
+}
+
+/// Whether the tests run as CI runs them (CPU, f32): the bit-exact checks
+/// (alone vs batched) hold only there, since cuBLAS and cuDNN choose their
+/// algorithms by shape and are not batch-invariant.
+pub fn on_cpu_f32() -> bool {
+    test_device().is_cpu() && test_dtype() == candle_core::DType::F32
+}
+
+/// The relative tolerance of a check stated for f32 on the CPU, on the test
+/// device and dtype: at least 1e-4 for f32 on a GPU (other summation
+/// orders), 3e-2 for f16 (11-bit mantissa through a UNet) and 1e-1 for
+/// bf16 (8-bit).
+pub fn tol(cpu_f32: f32) -> f32 {
+    use candle_core::DType;
+    let floor = match (test_device().is_cpu(), test_dtype()) {
+        (true, DType::F32) => 0.0,
+        (false, DType::F32) => 1e-4,
+        (_, DType::BF16) => 1e-1,
+        _ => 3e-2,
+    };
+    cpu_f32.max(floor)
+}
+
+/// The largest and mean |Δ| allowed between an 8-bit image and its
+/// reference on the test device and dtype: 3 and 0.5 levels in f32; 16 and
+/// 2.0 in f16; 32 and 4.0 in bf16.
+pub fn image_tolerance() -> (u32, f64) {
+    match test_dtype() {
+        candle_core::DType::F16 => (16, 2.0),
+        candle_core::DType::BF16 => (32, 4.0),
+        _ => (3, 0.5),
+    }
 }
 
 pub fn to_vec(t: &Tensor) -> Vec<f32> {
