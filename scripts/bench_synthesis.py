@@ -56,10 +56,19 @@ it exceeds 0.1: on a shared machine a concurrent build silently halves a side.
 Defaults (warm-up 1, runs 3, all five stages) finish in a few minutes per
 side on 2 cores; a 512 x 512 CFG step takes tens of seconds.
 
+On a GPU (`--device cuda`, with `--dtype f16` or `bf16`) both sides run on
+the device in that dtype: lumen's `--device/--dtype`, torch modules moved
+there (diffusers' default attention processor, SDPA), timings synchronised;
+`--batch 1,8` adds `cfg_step_S_bN` stages (N images, 2N rows); each side's
+peak device memory is what nvidia-smi reports used (sampled every 50 ms,
+less the memory used before the side started), and for diffusers also
+torch.cuda.max_memory_allocated per stage. scripts/gpu_check.sh runs it so.
+
 Usage: python scripts/bench_synthesis.py [--stages text_encoder,vae_decode_256]
        [--sizes 256,512] [--warmup 1] [--runs 3] [--threads 2]
        [--side both|lumen|python] [--mode bench|peak-rss|all]
        [--models scripts/.cache/sd15-random] [--lumen target/release/lumen]
+       [--device cpu|cuda] [--dtype f32|f16|bf16] [--batch 1,8] [--json FILE]
 """
 
 import argparse
@@ -72,6 +81,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -93,51 +103,112 @@ OTHER_LOAD_WARN = 0.1  # average cores used by other processes during a side bef
 # Stage selection
 
 
-def select_stages(spec: str, sizes: list[int]) -> list[str]:
-    """Full stage names in canonical order from 'text_encoder,cfg_step,vae_decode_256,...'."""
+def cfg_name(size: int, batch: int) -> str:
+    return f"cfg_step_{size}" if batch == 1 else f"cfg_step_{size}_b{batch}"
+
+
+def select_stages(spec: str, sizes: list[int], batches: list[int] = (1,)) -> list[str]:
+    """Full stage names in canonical order from 'text_encoder,cfg_step,vae_decode_256,...'
+    (the cfg_step family at every size and every batch in `batches`)."""
     wanted = []
     for item in (s.strip() for s in spec.split(",")):
         if not item:
             continue
         if item in FAMILIES:
-            names = [item] if item == "text_encoder" else [f"{item}_{s}" for s in sizes]
+            if item == "text_encoder":
+                names = [item]
+            elif item == "cfg_step":
+                names = [cfg_name(s, b) for s in sizes for b in batches]
+            else:
+                names = [f"{item}_{s}" for s in sizes]
         else:
-            m = re.fullmatch(r"(cfg_step|vae_decode|image)_(\d+)", item)
-            if not m:
-                raise SystemExit(f"unknown stage {item!r}: use text_encoder, cfg_step[_S], vae_decode[_S], image[_S]")
+            m = re.fullmatch(r"(cfg_step|vae_decode|image)_(\d+)(_b\d+)?", item)
+            if not m or (m.group(3) and m.group(1) != "cfg_step"):
+                raise SystemExit(f"unknown stage {item!r}: use text_encoder, cfg_step[_S[_bN]], vae_decode[_S], "
+                                 "image[_S]")
             names = [item]
         wanted += [n for n in names if n not in wanted]
-    all_sizes = sorted({int(n.rsplit("_", 1)[1]) for n in wanted if n != "text_encoder"})
-    order = ["text_encoder"] + [f"{f}_{s}" for f in ("cfg_step", "vae_decode", "image") for s in all_sizes]
-    return [n for n in order if n in wanted]
+    keys = [split(n) for n in wanted if n != "text_encoder"]
+    fam_order = {"cfg_step": 0, "vae_decode": 1, "image": 2}
+    ordered = sorted(set(keys), key=lambda k: (fam_order[k[0]], k[1], k[2]))
+    return [n for n in ["text_encoder"] if n in wanted] + [
+        cfg_name(s, b) if f == "cfg_step" else f"{f}_{s}" for f, s, b in ordered]
 
 
-def split(stage: str) -> tuple[str, int | None]:
+def split(stage: str) -> tuple[str, int | None, int]:
+    """(family, size, batch) of a stage name."""
     if stage == "text_encoder":
-        return stage, None
-    fam, s = stage.rsplit("_", 1)
-    return fam, int(s)
+        return stage, None, 1
+    m = re.fullmatch(r"(cfg_step|vae_decode|image)_(\d+)(?:_b(\d+))?", stage)
+    return m.group(1), int(m.group(2)), int(m.group(3) or 1)
 
 
-def lumen_calls(stages: list[str]) -> list[tuple[list[str], list[int]]]:
-    """Group the stages into `lumen bench synthesis` calls (--stages families x --sizes):
-    lumen runs every selected family at every given size, so sizes that need
-    different families go to different calls (each call loads the models)."""
-    by_size: dict[int, list[str]] = {}
+def lumen_calls(stages: list[str]) -> list[tuple[list[str], list[int], list[int]]]:
+    """Group the stages into `lumen bench synthesis` calls (--stages families x --sizes
+    x --batch): lumen runs every selected family at every given size (and cfg_step at
+    every batch), so sizes that need different families or batches go to different
+    calls (each call loads the models)."""
+    by_size: dict[int, tuple[set, set]] = {}
     for st in stages:
-        fam, s = split(st)
+        fam, s, b = split(st)
         if s is not None:
-            by_size.setdefault(s, []).append(fam)
-    groups: dict[tuple[str, ...], list[int]] = {}
-    for s, fams in by_size.items():
-        groups.setdefault(tuple(sorted(fams)), []).append(s)
-    calls = [(list(f), sz) for f, sz in groups.items()]
+            fams, bs = by_size.setdefault(s, (set(), set()))
+            fams.add(fam)
+            if fam == "cfg_step":
+                bs.add(b)
+    groups: dict[tuple, list[int]] = {}
+    for s, (fams, bs) in by_size.items():
+        groups.setdefault((tuple(sorted(fams)), tuple(sorted(bs)) or (1,)), []).append(s)
+    calls = [(list(f), sz, list(b)) for (f, b), sz in groups.items()]
     if "text_encoder" in stages:
         if calls:
             calls[0][0].insert(0, "text_encoder")
         else:
-            calls.append((["text_encoder"], []))
+            calls.append((["text_encoder"], [], [1]))
     return calls
+
+
+class GpuMemWatch:
+    """Peak device memory used while a side runs, as nvidia-smi reports it (MiB,
+    sampled every 50 ms, less what was used when the watch started); None off
+    the GPU or without nvidia-smi."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.peak_mib = None
+
+    @staticmethod
+    def used() -> int | None:
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
+                                  "--id=0"], capture_output=True, text=True, timeout=5).stdout
+            return int(out.strip().splitlines()[0])
+        except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+            return None
+
+    def _poll(self):
+        while not self.stop.is_set():
+            u = self.used()
+            if u is not None:
+                self.max = max(self.max, u)
+            self.stop.wait(0.05)
+
+    def __enter__(self):
+        if self.enabled and (base := self.used()) is not None:
+            self.base = self.max = base
+            self.stop = threading.Event()
+            self.thread = threading.Thread(target=self._poll, daemon=True)
+            self.thread.start()
+        else:
+            self.enabled = False
+        return self
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.stop.set()
+            self.thread.join()
+            self.peak_mib = self.max - self.base
+        return False
 
 
 # ---------------------------------------------------------------------------
@@ -176,9 +247,10 @@ class CpuWatch:
 
 def run_lumen(a, stages: list[str], env: dict) -> dict:
     timings, peaks, cmds = {}, [], []
-    for fams, sizes in lumen_calls(stages):
+    for fams, sizes, batches in lumen_calls(stages):
         cmd = [a.lumen, "bench", "synthesis", "--models", str(a.models), "--stages", ",".join(fams),
-               "--warmup", str(a.warmup), "--runs", str(a.runs)]
+               "--warmup", str(a.warmup), "--runs", str(a.runs), "--device", a.device, "--dtype", a.dtype,
+               "--batch", ",".join(map(str, batches))]
         if sizes:
             cmd += ["--sizes", ",".join(map(str, sizes))]
         if "image" in fams:
@@ -265,13 +337,20 @@ def synthetic(shape) -> torch.Tensor:
     return torch.rand(shape, generator=g) * 4 - 2
 
 
+def sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def time_runs(f, warmup: int, runs: int) -> list[float]:
     for _ in range(warmup):
         f()
+        sync()
     out = []
     for _ in range(runs):
         t = time.perf_counter()
         f()
+        sync()
         out.append((time.perf_counter() - t) * 1e3)
     return out
 
@@ -295,26 +374,35 @@ def run_python(a, stages: list[str]) -> dict:
     dlog.disable_progress_bar()
 
     per_stage_rss = reset_hwm()
-    timings, rss, info = {}, {}, {}
+    timings, rss, info, gpu = {}, {}, {}, {}
     models = a.models
+    dev = torch.device(a.device)
+    dt = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[a.dtype]
+    on_gpu = dev.type == "cuda"
+
+    def place(t: torch.Tensor) -> torch.Tensor:
+        return t.to(dev, dt)
 
     def stage_done(name, runs_ms):
         timings[name] = timing(name, runs_ms)
         if per_stage_rss:
             rss[name] = vm_hwm()
+        if on_gpu:
+            gpu[name] = torch.cuda.max_memory_allocated() // 2**20
+            torch.cuda.reset_peak_memory_stats()
         print(f"[diffusers] {name}: median {timings[name]['median_ms']:.1f} ms", file=sys.stderr, flush=True)
 
     with torch.inference_mode():
         if "text_encoder" in stages:
             tok = CLIPTokenizer.from_pretrained(models / "tokenizer")
-            text = CLIPTextModel.from_pretrained(models / "text_encoder", torch_dtype=torch.float32).eval()
+            text = CLIPTextModel.from_pretrained(models / "text_encoder", torch_dtype=dt).eval().to(dev)
             info["text_encoder_attention"] = text.config._attn_implementation
 
             def f():
                 ids = tok([NEGATIVE, PROMPT], padding="max_length", max_length=77, truncation=True,
                           return_tensors="pt").input_ids
                 assert ids.shape == (2, 77)
-                return text(ids).last_hidden_state
+                return text(ids.to(dev)).last_hidden_state
 
             stage_done("text_encoder", time_runs(f, a.warmup, a.runs))
             del tok, text, f
@@ -323,20 +411,20 @@ def run_python(a, stages: list[str]) -> dict:
         cfg = [s for s in stages if s.startswith("cfg_step_")]
         if cfg:
             reset_hwm()
-            controlnet = ControlNetModel.from_pretrained(models / "controlnet", torch_dtype=torch.float32).eval()
-            unet = UNet2DConditionModel.from_pretrained(models / "unet", torch_dtype=torch.float32).eval()
+            controlnet = ControlNetModel.from_pretrained(models / "controlnet", torch_dtype=dt).eval().to(dev)
+            unet = UNet2DConditionModel.from_pretrained(models / "unet", torch_dtype=dt).eval().to(dev)
             info["unet_controlnet_attention"] = processors(unet, controlnet)
             c = unet.config.in_channels
             kmax = controlnet.config.conditioning_channels
             f8 = 2 ** (len(controlnet.config.conditioning_embedding_out_channels) - 1)
-            emb = synthetic((2, 77, unet.config.cross_attention_dim))
-            t = torch.tensor(TIMESTEP)
+            t = torch.tensor(TIMESTEP, device=dev)
             for i, name in enumerate(cfg):
                 if i:
                     reset_hwm()
-                s = split(name)[1]
-                lat = synthetic((2, c, s // f8, s // f8))
-                cond = synthetic((2, kmax, s, s))
+                _, s, n = split(name)
+                emb = place(synthetic((2, 77, unet.config.cross_attention_dim))).repeat(n, 1, 1)
+                lat = place(synthetic((2 * n, c, s // f8, s // f8)))
+                cond = place(synthetic((2 * n, kmax, s, s)))
 
                 def f():
                     down, mid = controlnet(lat, t, encoder_hidden_states=emb, controlnet_cond=cond,
@@ -345,22 +433,22 @@ def run_python(a, stages: list[str]) -> dict:
                                 mid_block_additional_residual=mid).sample
 
                 stage_done(name, time_runs(f, a.warmup, a.runs))
-                del lat, cond, f
+                del lat, cond, emb, f
                 gc.collect()
-            del controlnet, unet, emb
+            del controlnet, unet
             gc.collect()
 
         dec = [s for s in stages if s.startswith("vae_decode_")]
         if dec:
             reset_hwm()
-            vae = AutoencoderKL.from_pretrained(models / "vae", torch_dtype=torch.float32).eval()
+            vae = AutoencoderKL.from_pretrained(models / "vae", torch_dtype=dt).eval().to(dev)
             info["vae_attention"] = processors(vae)
             f8 = 2 ** (len(vae.config.block_out_channels) - 1)
             for i, name in enumerate(dec):
                 if i:
                     reset_hwm()
                 s = split(name)[1]
-                z = synthetic((1, vae.config.latent_channels, s // f8, s // f8))
+                z = place(synthetic((1, vae.config.latent_channels, s // f8, s // f8)))
 
                 def f():
                     return vae.decode(z).sample
@@ -372,13 +460,16 @@ def run_python(a, stages: list[str]) -> dict:
             gc.collect()
 
         imgs = [s for s in stages if s.startswith("image_")]
+        if imgs and (on_gpu or dt != torch.float32):
+            raise SystemExit("image_S stages run on the CPU in f32 only")
         if imgs:
             reset_hwm()
             run_images(a, imgs, stage_done, info)
 
     return {"timings": timings,
             "peak_rss_bytes": max(_PEAK_BEFORE_RESET, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024),
-            "stage_peak_rss_bytes": rss if per_stage_rss else None, **info}
+            "stage_peak_rss_bytes": rss if per_stage_rss else None,
+            "stage_peak_gpu_allocated_mib": gpu if on_gpu else None, **info}
 
 
 def run_images(a, stages: list[str], stage_done, info: dict) -> None:
@@ -469,6 +560,10 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (both sides)")
+    ap.add_argument("--dtype", choices=("f32", "f16", "bf16"), default="f32", help="diffusion weights' dtype (both sides)")
+    ap.add_argument("--batch", default="1", help="images per cfg_step, comma-separated (N > 1: cfg_step_S_bN)")
+    ap.add_argument("--json", type=Path, default=None, help="also write the JSON report to this file")
     ap.add_argument("--side", choices=("both", "lumen", "python"), default="both")
     ap.add_argument("--mode", choices=("bench", "peak-rss", "all"), default="bench",
                     help="peak-rss: only the `lumen synthesize` 512x512 peak-RSS run; all: both")
@@ -484,9 +579,15 @@ def main() -> int:
     torch.set_num_threads(a.threads)
     env = dict(os.environ, RAYON_NUM_THREADS=str(a.threads))
     sizes = [int(s) for s in a.sizes.split(",") if s.strip()]
-    stages = select_stages(a.stages, sizes)
-    report = {"models": str(a.models), "device": "cpu", "dtype": "f32", "threads": a.threads,
+    batches = [int(b) for b in a.batch.split(",") if b.strip()]
+    if not batches or min(batches) < 1:
+        raise SystemExit("--batch: every batch must be at least 1")
+    stages = select_stages(a.stages, sizes, batches)
+    on_gpu = a.device.startswith("cuda")
+    report = {"models": str(a.models), "device": a.device, "dtype": a.dtype, "threads": a.threads,
               "torch": torch.__version__}
+    if on_gpu:
+        report["gpu"] = torch.cuda.get_device_name(torch.device(a.device))
     if a.mode != "peak-rss":
         report.update(warmup=a.warmup, runs=a.runs, stages=stages)
     failed = False
@@ -495,14 +596,19 @@ def main() -> int:
     if a.mode in ("bench", "all") and stages:
         lum = py = None
         load = {}
+        gpu_peak = {}
         if a.side in ("both", "lumen"):
-            with CpuWatch() as w:
+            with CpuWatch() as w, GpuMemWatch(on_gpu) as g:
                 lum = run_lumen(a, stages, env)
             load["lumen"] = w.other_cores
+            gpu_peak["lumen"] = g.peak_mib
         if a.side in ("both", "python"):
-            with CpuWatch() as w:
+            with CpuWatch() as w, GpuMemWatch(on_gpu) as g:
                 py = run_python(a, stages)
             load["diffusers"] = w.other_cores
+            gpu_peak["diffusers"] = g.peak_mib
+        if on_gpu:
+            report["peak_gpu_used_mib"] = gpu_peak
         report["other_load_cores"] = {k: None if v is None else round(v, 2) for k, v in load.items()}
         failed |= bool(lum and "error" in lum)
         rows = []
@@ -517,6 +623,8 @@ def main() -> int:
                    "diffusers_runs_ms": [round(x, 1) for x in pt["runs_ms"]] if pt else None}
             if py and py.get("stage_peak_rss_bytes"):
                 row["diffusers_stage_peak_rss_mib"] = mib(py["stage_peak_rss_bytes"].get(st))
+            if py and py.get("stage_peak_gpu_allocated_mib"):
+                row["diffusers_stage_peak_gpu_allocated_mib"] = py["stage_peak_gpu_allocated_mib"].get(st)
             rows.append(row)
         report["results"] = rows
         if lum is not None:
@@ -527,7 +635,8 @@ def main() -> int:
             report["diffusers"] = {"peak_rss_mib": mib(py["peak_rss_bytes"]),
                                    **{k: v for k, v in py.items() if k.endswith("_attention")}}
 
-        print(f"\nsynthesis stages, f32, {a.threads} threads, warm-up {a.warmup}, runs {a.runs} (medians, ms)",
+        where = report.get("gpu", f"{a.threads} threads")
+        print(f"\nsynthesis stages, {a.device} {a.dtype}, {where}, warm-up {a.warmup}, runs {a.runs} (medians, ms)",
               file=sys.stderr)
         print(f"{'stage':<16}{'lumen':>12}{'diffusers':>12}{'ratio':>8}{'py stage RSS MiB':>18}", file=sys.stderr)
         fmt = lambda v, p: "-" if v is None else f"{v:.{p}f}"  # noqa: E731
@@ -557,6 +666,8 @@ def main() -> int:
 
     report["seconds"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(report, indent=2))
+    if a.json:
+        a.json.write_text(json.dumps(report, indent=2) + "\n")
     return 1 if failed else 0
 
 

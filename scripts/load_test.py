@@ -62,8 +62,9 @@ def start_server(a, max_batch: int) -> tuple[subprocess.Popen, str]:
            "--max-queue", "1024"]
     if a.models:
         cmd += ["--models", a.models]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "RUST_LOG": "warn"})
+    log = open(a.server_log, "ab") if a.server_log else subprocess.DEVNULL
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log,
+                            env={**os.environ, "RUST_LOG": "info" if a.server_log else "warn"})
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300
     while time.time() < deadline:
@@ -124,6 +125,7 @@ def main() -> int:
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--out", default=None)
+    p.add_argument("--server-log", default=None, help="append the server's stderr (info level) here")
     a = p.parse_args()
 
     image = (ROOT / "tests/fixtures/images/tiny-street.png").read_bytes()

@@ -26,18 +26,22 @@ What it writes, in scripts/.cache/sd15-random/:
                         SD1.5's PNDMScheduler config (models/tiny's copy)
   model_index.json      as StableDiffusionControlNetPipeline.save_config writes it
 
-Weights are diffusers' / transformers' default random initialisation, f32.
+Weights are diffusers' / transformers' default random initialisation, f32
+(`--dtype f16` saves them in f16, ~3.5 GB). `--device cuda` builds the
+modules on the GPU, where the initialisation takes seconds, not minutes
+(scripts/gpu_check.sh makes its SD1.5-size folder so).
 Components are built one at a time (the UNet and its ControlNet together,
 ~5 GB) and freed before the next. Each is written to `<name>.tmp/` and renamed
 when complete, and an existing component is skipped, so the script is
 idempotent and resumes after an interruption; `--force` rebuilds everything.
 
-Usage: python scripts/make_big_models.py [--force] [--out DIR]
+Usage: python scripts/make_big_models.py [--force] [--out DIR] [--device cpu|cuda] [--dtype f32|f16]
 """
 
 import argparse
 import gc
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -52,6 +56,9 @@ TINY = ROOT / "models/tiny"
 
 KMAX = 64
 SEED = 15
+# Where the modules are built and the dtype they are saved in (main() sets them).
+DEVICE = torch.device("cpu")
+DTYPE = torch.float32
 
 # runwayml/stable-diffusion-v1-5 unet/config.json (diffusers 0.6.0 era), in full.
 UNET_SD15 = {
@@ -166,17 +173,19 @@ def build_unet_controlnet(b: Builder) -> None:
     if not b.done("unet"):
         t0 = time.perf_counter()
         torch.manual_seed(SEED + 1)
-        unet = UNet2DConditionModel(**UNET_SD15).eval()
+        with DEVICE:
+            unet = UNet2DConditionModel(**UNET_SD15).eval().to(DTYPE)
         unet.save_pretrained(b.tmp("unet"), safe_serialization=True)
         b.commit("unet", t0, parameters=nparams(unet))
     if b.done("controlnet"):
         return
     t0 = time.perf_counter()
     if unet is None:
-        unet = UNet2DConditionModel.from_pretrained(b.out / "unet", torch_dtype=torch.float32).eval()
+        unet = UNet2DConditionModel.from_pretrained(b.out / "unet", torch_dtype=DTYPE).eval().to(DEVICE)
     torch.manual_seed(SEED + 2)
     # Copies the UNet's encoder half; conditioning embedding (16, 32, 96, 256), i.e. /8.
-    controlnet = ControlNetModel.from_unet(unet, conditioning_channels=KMAX).eval()
+    with DEVICE:
+        controlnet = ControlNetModel.from_unet(unet, conditioning_channels=KMAX).eval().to(DTYPE)
     del unet
     free()
     assert tuple(controlnet.config.conditioning_embedding_out_channels) == (16, 32, 96, 256)
@@ -188,8 +197,8 @@ def build_unet_controlnet(b: Builder) -> None:
     with torch.no_grad():
         for conv in zeroed:
             assert not conv.weight.any(), "expected a zero-initialised convolution"
-            conv.weight.copy_(0.02 * torch.randn(conv.weight.shape, generator=gen))
-            conv.bias.copy_(0.01 * torch.randn(conv.bias.shape, generator=gen))
+            conv.weight.copy_(0.02 * torch.randn(conv.weight.shape, generator=gen, device="cpu"))
+            conv.bias.copy_(0.01 * torch.randn(conv.bias.shape, generator=gen, device="cpu"))
     controlnet.save_pretrained(b.tmp("controlnet"), safe_serialization=True)
     b.commit("controlnet", t0, parameters=nparams(controlnet), randomized_zero_convs=len(zeroed))
     del controlnet
@@ -203,7 +212,8 @@ def build_vae(b: Builder) -> None:
         return
     t0 = time.perf_counter()
     torch.manual_seed(SEED + 4)
-    vae = AutoencoderKL(**VAE_SD15).eval()
+    with DEVICE:
+        vae = AutoencoderKL(**VAE_SD15).eval().to(DTYPE)
     vae.save_pretrained(b.tmp("vae"), safe_serialization=True)
     b.commit("vae", t0, parameters=nparams(vae))
     del vae
@@ -230,7 +240,8 @@ def build_text_encoder(b: Builder, vocab: dict) -> None:
     eos = vocab["<|endoftext|>"]
     cfg = CLIPTextConfig(bos_token_id=vocab["<|startoftext|>"], eos_token_id=eos, pad_token_id=eos,
                          **CLIP_L_TEXT)
-    text = CLIPTextModel(cfg).eval()
+    with DEVICE:
+        text = CLIPTextModel(cfg).eval().to(DTYPE)
     t = b.tmp("text_encoder")
     text.save_pretrained(t, safe_serialization=True)
     n = nparams(text)
@@ -261,7 +272,8 @@ def build_encoder(b: Builder) -> None:
     from transformers import Dinov2Config, Dinov2Model
 
     torch.manual_seed(SEED + 6)
-    enc = Dinov2Model(Dinov2Config(**DINOV2_L)).eval()
+    with DEVICE:
+        enc = Dinov2Model(Dinov2Config(**DINOV2_L)).eval().to(DTYPE)
     enc.save_pretrained(t, safe_serialization=True)
     b.commit("encoder", t0, parameters=nparams(enc))
     del enc
@@ -274,7 +286,7 @@ def build_small_files(b: Builder) -> None:
     if not b.done("pca.safetensors"):
         t0 = time.perf_counter()
         gen = torch.Generator().manual_seed(SEED + 7)
-        q, _ = torch.linalg.qr(torch.randn(1024, KMAX, generator=gen))
+        q, _ = torch.linalg.qr(torch.randn(1024, KMAX, generator=gen, device="cpu"))
         save_file({"mean": torch.zeros(1024), "components": q.T.contiguous(),
                    "explained_variance": torch.linspace(2.0, 1.0, KMAX)}, str(b.tmp("pca.safetensors")))
         b.commit("pca.safetensors", t0, kmax=KMAX)
@@ -306,8 +318,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--force", action="store_true", help="delete the folder and rebuild everything")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--device", default="cpu", help="where the modules are built: cpu or cuda")
+    ap.add_argument("--dtype", choices=("f32", "f16"), default="f32", help="the dtype the weights are saved in")
     a = ap.parse_args()
-    torch.set_num_threads(2)
+    global DEVICE, DTYPE
+    DEVICE = torch.device(a.device)
+    DTYPE = {"f32": torch.float32, "f16": torch.float16}[a.dtype]
+    torch.set_num_threads(2 if DEVICE.type == "cpu" else max(1, os.cpu_count() or 1))
     out = a.out.resolve()
     if a.force:
         shutil.rmtree(out, ignore_errors=True)

@@ -108,16 +108,27 @@ pub fn bench_encoder(
     ))
 }
 
+/// What [`bench_synthesis`] times.
+pub struct SynthesisBench<'a> {
+    /// Output sides (square).
+    pub sizes: &'a [u32],
+    /// Images per CFG step (each 2 rows).
+    pub batches: &'a [usize],
+    /// Stage families (`text_encoder`, `cfg_step`, `vae_decode`); all if empty.
+    pub stages: &'a [String],
+    pub warmup: usize,
+    pub runs: usize,
+}
+
 /// Time the synthesis stages on a loaded model set: text encoding (two
-/// prompts), one classifier-free-guidance step (ControlNet + UNet, batch 2)
-/// and one VAE decode at each output side in `sizes`.
+/// prompts), one classifier-free-guidance step (ControlNet + UNet on 2 rows
+/// per image, for each batch: `cfg_step_S`, `cfg_step_S_bN`) and one VAE
+/// decode at each output side.
 pub fn bench_synthesis(
     model: &crate::pipeline::synthesis::SynthesisModel,
-    sizes: &[u32],
-    stages: &[String],
-    warmup: usize,
-    runs: usize,
+    plan: &SynthesisBench,
 ) -> Result<Vec<StageTiming>> {
+    let (stages, warmup, runs) = (plan.stages, plan.warmup, plan.runs);
     let device = model.device().clone();
     let wanted = |s: &str| stages.is_empty() || stages.iter().any(|x| s.starts_with(x.as_str()));
     let mut out = Vec::new();
@@ -132,11 +143,13 @@ pub fn bench_synthesis(
     let f = model.vae.factor;
     let c = model.vae.latent_channels;
     let kmax = model.controlnet.conditioning_channels;
-    for &s in sizes {
+    for &s in plan.sizes {
         let s = s as usize;
-        if wanted("cfg_step") {
-            let latents = synthetic(&[2, c, s / f, s / f], &device)?.to_dtype(model.dtype())?;
-            let cond = synthetic(&[2, kmax, s, s], &device)?.to_dtype(model.dtype())?;
+        for &n in plan.batches.iter().filter(|_| wanted("cfg_step")) {
+            let rows = 2 * n;
+            let latents = synthetic(&[rows, c, s / f, s / f], &device)?.to_dtype(model.dtype())?;
+            let cond = synthetic(&[rows, kmax, s, s], &device)?.to_dtype(model.dtype())?;
+            let text = text.repeat((n, 1, 1))?;
             let t = time_runs(&device, warmup, runs, || {
                 let (down, mid) = model.controlnet.forward(&latents, &[500.0], &text, &cond)?;
                 model
@@ -144,7 +157,12 @@ pub fn bench_synthesis(
                     .forward(&latents, &[500.0], &text, Some(&down), Some(&mid))?;
                 Ok(())
             })?;
-            out.push(StageTiming::from_runs(format!("cfg_step_{s}"), t));
+            let name = if n == 1 {
+                format!("cfg_step_{s}")
+            } else {
+                format!("cfg_step_{s}_b{n}")
+            };
+            out.push(StageTiming::from_runs(name, t));
         }
         if wanted("vae_decode") {
             let z = synthetic(&[1, c, s / f, s / f], &device)?.to_dtype(model.vae.dtype)?;

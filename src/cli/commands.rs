@@ -116,6 +116,10 @@ pub struct BenchSynthesisArgs {
     /// Denoising steps of each `image` run.
     #[arg(long, default_value_t = 20)]
     steps: usize,
+    /// Images per `cfg_step` (2 rows each: unconditional and conditional),
+    /// comma-separated; a batch of N > 1 is reported as `cfg_step_S_bN`.
+    #[arg(long, value_delimiter = ',', default_values_t = [1usize])]
+    batch: Vec<usize>,
     /// Diffusion weights' dtype: f32 (as the references), f16, bf16, or auto
     /// (f16 on CUDA, f32 on CPU).
     #[arg(long, default_value = "f32")]
@@ -179,6 +183,9 @@ pub fn bench(c: BenchCommand) -> Result<()> {
             if a.runs == 0 {
                 return Err(Error::param("runs", "must be at least 1"));
             }
+            if a.batch.is_empty() || a.batch.contains(&0) {
+                return Err(Error::param("batch", "every batch must be at least 1"));
+            }
             const STAGES: [&str; 4] = ["text_encoder", "cfg_step", "vae_decode", "image"];
             if let Some(s) = a.stages.iter().find(|s| !STAGES.contains(&s.as_str())) {
                 return Err(Error::param(
@@ -188,7 +195,14 @@ pub fn bench(c: BenchCommand) -> Result<()> {
             }
             let parts: Vec<String> = a.stages.iter().filter(|s| *s != "image").cloned().collect();
             let mut timings = if a.stages.is_empty() || !parts.is_empty() {
-                bench::bench_synthesis(&model, &a.sizes, &parts, a.warmup, a.runs)?
+                let plan = bench::SynthesisBench {
+                    sizes: &a.sizes,
+                    batches: &a.batch,
+                    stages: &parts,
+                    warmup: a.warmup,
+                    runs: a.runs,
+                };
+                bench::bench_synthesis(&model, &plan)?
             } else {
                 Vec::new()
             };
