@@ -56,7 +56,12 @@ fn guide(rng: &mut ChaCha8Rng) -> Vec<u8> {
 /// 128 px guide) beside layouts of that guide, a few rounds over. The heap's
 /// high-water mark is then reached on purpose, not first met late in the run
 /// by chance, so growth after warm-up means memory kept, not a larger batch.
-async fn warm_up(client: &Client, base: &str, rng: &mut ChaCha8Rng) {
+/// Returns its answers by (endpoint, status), which `/metrics` counts too.
+async fn warm_up(
+    client: &Client,
+    base: &str,
+    rng: &mut ChaCha8Rng,
+) -> BTreeMap<(String, u16), u64> {
     let mut big = image::RgbImage::from_pixel(128, 128, image::Rgb([20, 40, 200]));
     for y in 32..96 {
         for x in 16..112 {
@@ -67,6 +72,7 @@ async fn warm_up(client: &Client, base: &str, rng: &mut ChaCha8Rng) {
     big.write_to(&mut png, image::ImageFormat::Png).unwrap();
     let big = b64(&png.into_inner());
     let queue: usize = MAX_QUEUE.parse().unwrap();
+    let mut answers = BTreeMap::new();
     for _ in 0..3 {
         let mut jobs = Vec::new();
         for i in 0..queue + 2 {
@@ -82,21 +88,29 @@ async fn warm_up(client: &Client, base: &str, rng: &mut ChaCha8Rng) {
             };
             let (client, url) = (client.clone(), format!("{base}{endpoint}"));
             jobs.push(tokio::spawn(async move {
+                let mut refused = 0;
                 loop {
                     let r = client.post(&url).json(&body).send().await.unwrap();
                     if r.status() != StatusCode::TOO_MANY_REQUESTS {
                         assert_eq!(r.status(), StatusCode::OK, "warm-up {url}");
                         r.bytes().await.unwrap();
-                        return;
+                        return (endpoint, refused);
                     }
+                    r.bytes().await.unwrap();
+                    refused += 1;
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }));
         }
         for j in jobs {
-            j.await.unwrap();
+            let (endpoint, refused) = j.await.unwrap();
+            *answers.entry((endpoint.to_string(), 200)).or_default() += 1;
+            if refused > 0 {
+                *answers.entry((endpoint.to_string(), 429)).or_default() += refused;
+            }
         }
     }
+    answers
 }
 
 #[derive(Default)]
@@ -248,7 +262,7 @@ async fn soak_mixed_load_keeps_memory_descriptors_and_threads_flat() {
     let idle_before = common::proc_sample(pid);
 
     let mut rng = ChaCha8Rng::seed_from_u64(14);
-    warm_up(&Client::new(), &base, &mut rng).await;
+    let warm_answers = warm_up(&Client::new(), &base, &mut rng).await;
     let load = Arc::new(Load {
         base: base.clone(),
         client: Client::builder()
@@ -261,7 +275,10 @@ async fn soak_mixed_load_keeps_memory_descriptors_and_threads_flat() {
             .unwrap(),
         guides: (0..24).map(|_| b64(&guide(&mut rng))).collect(),
         layout_ids: Mutex::new(Vec::new()),
-        tally: Mutex::new(Tally::default()),
+        tally: Mutex::new(Tally {
+            answers: warm_answers,
+            ..Tally::default()
+        }),
     });
 
     let start = Instant::now();
