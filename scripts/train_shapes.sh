@@ -2,7 +2,9 @@
 # Regenerate the embedded shapes model (models/shapes) from seeds, on the CPU:
 #   1. the world: 20,000 training images with captions (split seed 0)
 #   2. the base: random DINOv2 encoder (patch 4) and CLIP text encoder, tokenizer, scheduler
-#   3. the VAE, 4. the text-to-image UNet        (lumen-train shapes vae|unet)
+#   3. the layout encoder, trained without labels to ignore colour
+#      (lumen-train shapes encoder: dense contrastive views, recoloured)
+#   4. the VAE, the text-to-image UNet           (lumen-train shapes vae|unet)
 #   5. the PCA basis (Kmax 8) and the layouts    (lumen fit-pca, lumen layouts)
 #   6. the LUMEN ControlNet with random-K truncation (lumen-train controlnet),
 #      then trained further with timesteps drawn towards the noisy end (tune)
@@ -16,7 +18,8 @@
 # UNTIL (stop after the stage of that name), BASE_FROM (a packed model folder,
 # e.g. models/shapes: its encoder, text encoder, VAE, UNet, PCA basis and
 # ControlNet are reused in float32; only the layouts and the tune stage run),
-# TUNE_STEPS (default 1000).
+# TUNE_STEPS (default 1000), CONTROLNET_STEPS (default 8000), CONTROLNET_INIT
+# (a ControlNet folder to start the controlnet stage from instead of the UNet).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${WORK:-target/shapes}
@@ -51,6 +54,7 @@ if [ -n "${BASE_FROM:-}" ]; then
     stage reuse "${train[@]}" shapes unpack --model "$BASE_FROM" --out "$WORK/base"
 else
     stage base "${train[@]}" shapes base --out "$WORK/base" --seed 0
+    stage encoder "${train[@]}" shapes encoder --models "$WORK/base" --work "$WORK/encoder-run" --steps 1500 --batch-size 32
     stage vae "${train[@]}" shapes vae --models "$WORK/base" --work "$WORK/vae-run" --steps 2000 --batch-size 16
     stage unet "${train[@]}" shapes unet --models "$WORK/base" --work "$WORK/unet-run" --steps 3000 --batch-size 32
     stage pca "$LUMEN" fit-pca --models "$WORK/base" --images "$WORK/images" --components 8 \
@@ -61,9 +65,9 @@ if [ -n "${BASE_FROM:-}" ]; then
     FROM=$BASE_FROM/controlnet
 else
     stage controlnet "${train[@]}" controlnet --models "$WORK/base" --data "$WORK/layouts" --images "$WORK/images" \
-        --output "$WORK/model" --resolution 64 --batch-size 32 --lr 2e-4 --max-steps 8000 \
+        --output "$WORK/model" --resolution 64 --batch-size 32 --lr 2e-4 --max-steps "${CONTROLNET_STEPS:-8000}" \
         --checkpoint-every 250 --validate-every 1000 --k-distribution uniform --caption-dropout 0.5 \
-        --seed 0 --log-every 50 --resume
+        --seed 0 --log-every 50 --resume ${CONTROLNET_INIT:+--init-controlnet "$CONTROLNET_INIT"}
     FROM=$WORK/model/controlnet
 fi
 # Then further with timesteps drawn towards the noisy end, where sampling

@@ -3,11 +3,12 @@
 over the repository's small byte-level BPE tokenizer, SD1.5's noise schedule,
 and the configs of the VAE and UNet that `lumen-train shapes vae|unet` train.
 
-The encoder stays random on purpose: in this world colour is what separates
-regions, and a random patch embedding followed by random attention layers
-keeps colour differences as the dominant variation of its tokens, so the
-PCA basis fitted on them separates colour regions (and its leading
-components say less than all of them, as with DINOv2 on photos)."""
+The encoder starts random, and `lumen-train shapes encoder` then trains it
+without labels to ignore colour (lumen_train.shapes.encoder): a random
+patch embedding followed by random attention layers keeps colour as the
+dominant variation of its tokens, so a PCA basis fitted on them carries
+colour from its first component on, and the caption cannot set the
+output's colours (the paper's DINOv2 is trained to ignore colour jitter)."""
 
 from __future__ import annotations
 
