@@ -16,8 +16,34 @@ from lumen_train.shapes.downstream import (
     geometry_agreement,
     label_agreement,
     load_real,
+    recolour_caption,
     recoloured,
+    recoloured_prompts,
+    renamed_classes,
 )
+
+
+def test_recoloured_prompts_rename_colours_and_the_masks_follow(tmp_path):
+    write_dataset(tmp_path, POOL_SEED, 5)
+    prompts = recoloured_prompts(tmp_path, 5, ks=2, per_image=2, seed=0)
+    assert len(prompts) == 20  # the plan order: source, K, variant
+    captions = [world.sample(POOL_SEED, i)[1] for i in range(5)]
+    assert sum(p != captions[i // 4] for i, p in enumerate(prompts)) >= 15
+    for i, p in enumerate(prompts):
+        table = renamed_classes(captions[i // 4], p)
+        assert table is not None and table[0] == 0
+        # The table maps the source's colour classes onto the prompt's colours, in order.
+        _, _, shapes, _ = world.sample(POOL_SEED, i // 4)
+        named = [w for w in p.split() if w in world.COLOURS]
+        for shape, colour in zip(shapes, named, strict=True):
+            old = 1 + list(world.COLOURS).index(shape.colour)
+            assert world.CLASS_NAMES[table[old]] == colour
+    # A prompt for another source (other kinds) or an inconsistent renaming is refused.
+    assert renamed_classes("a red circle", "a red square") is None
+    assert renamed_classes("a red circle and a red square", "a blue circle and a green square") is None
+    assert recolour_caption("a red circle and a cyan square", [5, 1, 2, 3, 4, 0]) == (
+        "a cyan circle and a red square"
+    )
 
 
 def test_recoloured_keeps_geometry_and_relabels_colour(tmp_path):

@@ -10,7 +10,7 @@
 BASE_DIR is the lumen model folder the layouts were exported with (`lumen
 layouts --models BASE_DIR`); OUT_DIR becomes a complete lumen model folder.
 
-    lumen-train shapes world|dataset|base|vae|unet|pack|unpack|evaluate|downstream ...
+    lumen-train shapes world|dataset|base|encoder|vae|unet|probe|pack|unpack|evaluate|downstream ...
 
 The shapes world and the stages that make and measure lumen's embedded model
 (scripts/train_shapes.sh runs them in order).
@@ -82,7 +82,11 @@ def parser() -> argparse.ArgumentParser:
     b = ss.add_parser("base", help="random encoder and text encoder, tokenizer, scheduler, lumen.json")
     b.add_argument("--out", type=Path, required=True)
     b.add_argument("--seed", type=int, default=0)
-    for name, steps, batch, lr in (("vae", 2000, 16, 1e-3), ("unet", 3000, 32, 5e-4)):
+    for name, steps, batch, lr in (
+        ("encoder", 1500, 32, 1e-3),
+        ("vae", 2000, 16, 1e-3),
+        ("unet", 3000, 32, 5e-4),
+    ):
         t = ss.add_parser(name, help=f"train the {name.upper()} into BASE/{name}/ (resumable)")
         t.add_argument("--models", type=Path, required=True, help="the base folder")
         t.add_argument("--work", type=Path, required=True, help="checkpoint folder")
@@ -90,6 +94,10 @@ def parser() -> argparse.ArgumentParser:
         t.add_argument("--batch-size", type=int, default=batch)
         t.add_argument("--lr", type=float, default=lr)
         t.add_argument("--checkpoint-every", type=int, default=100)
+    pr = ss.add_parser("probe", help="how much shape and colour an encoder's K-component layout holds (JSON)")
+    pr.add_argument("--models", type=Path, required=True, help="a folder with encoder/")
+    pr.add_argument("--components", type=int, default=8)
+    pr.add_argument("--images", type=int, default=200)
     k = ss.add_parser("pack", help="a trained model folder as the committed one: f16 weights, no checkpoints")
     k.add_argument("--model", type=Path, required=True)
     k.add_argument("--out", type=Path, required=True)
@@ -133,6 +141,13 @@ def parser() -> argparse.ArgumentParser:
     ds.add_argument("--runs", type=Path, help="the per-run record (default WORK/runs.jsonl)")
     ds.add_argument("--extra", default="", help="more `lumen augment` flags, space-separated")
     ds.add_argument("--json", type=Path, help="also write the result as JSON here")
+    ds.add_argument(
+        "--prompts",
+        choices=["captions", "recoloured"],
+        default="captions",
+        help="lumen augment's prompts: the captions, or the captions with their colours renamed "
+        "per output (the colour masks renamed to match)",
+    )
     return p
 
 
@@ -180,6 +195,7 @@ def shapes(a: argparse.Namespace) -> None:
             runs_path=a.runs,
             only=None if a.only is None else tuple(c.strip() for c in a.only.split(",")),
             log=lambda line: print(line, file=sys.stderr, flush=True),
+            prompts=a.prompts,
         )
         if a.json:
             a.json.write_text(json.dumps(result, indent=1) + "\n")
@@ -201,8 +217,18 @@ def shapes(a: argparse.Namespace) -> None:
             a.json.write_text(to_json(rows) + "\n")
         print(markdown(rows))
         return
+    if a.stage == "probe":
+        from lumen_train.shapes.encoder import probe
+
+        print(json.dumps(probe(a.models, a.components, a.images)))
+        return
     from lumen_train.shapes import fit
 
+    if a.stage == "encoder":
+        from lumen_train.shapes.encoder import train_encoder
+
+        print(json.dumps(train_encoder(a.models, a.work, a.steps, a.batch_size, a.lr, a.checkpoint_every)))
+        return
     trainer = fit.train_vae if a.stage == "vae" else fit.train_unet
     print(json.dumps(trainer(a.models, a.work, a.steps, a.batch_size, a.lr, a.checkpoint_every)))
 

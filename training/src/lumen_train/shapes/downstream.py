@@ -41,6 +41,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import time
 from dataclasses import asdict, dataclass
@@ -60,6 +61,54 @@ POOL_SEED, TEST_SEED = 2, 3
 IGNORE = -100  # a label the loss skips (cross_entropy's ignore_index)
 COLOUR_CLASSES = len(world.CLASS_NAMES)  # background + 6 colours
 SHAPE_CLASSES = 1 + len(world.KINDS)  # background + circle, square, triangle
+
+
+COLOUR_WORDS = list(world.COLOURS)
+_COLOUR_RE = re.compile(r"\b(" + "|".join(COLOUR_WORDS) + r")\b")
+
+
+def colours_named(text: str) -> list[str]:
+    """The colour words of a caption, in order."""
+    return _COLOUR_RE.findall(text)
+
+
+def recolour_caption(caption: str, permutation: list[int]) -> str:
+    """The caption with every colour renamed: colour i becomes colour permutation[i]."""
+    return _COLOUR_RE.sub(lambda m: COLOUR_WORDS[permutation[COLOUR_WORDS.index(m.group(1))]], caption)
+
+
+def renamed_classes(source_caption: str, prompt: str) -> np.ndarray | None:
+    """The colour-class map (old class → new class, background kept) that
+    turns the source's caption into the prompt it was made with, or None
+    when the prompt does not rename the caption's colours consistently."""
+    old, new = colours_named(source_caption), colours_named(prompt)
+    if _COLOUR_RE.sub("", source_caption) != _COLOUR_RE.sub("", prompt) or len(old) != len(new):
+        return None
+    table = np.arange(COLOUR_CLASSES)
+    seen: dict[str, str] = {}
+    for o, n in zip(old, new, strict=True):
+        if seen.setdefault(o, n) != n:
+            return None
+        table[1 + COLOUR_WORDS.index(o)] = 1 + COLOUR_WORDS.index(n)
+    return table
+
+
+def recoloured_prompts(pool: Path, count: int, ks: int, per_image: int, seed: int) -> list[str]:
+    """One prompt per `lumen augment` output in its plan order (source, K,
+    variant): the source's caption with its colours renamed by a permutation
+    of the six drawn for that output. The guide keeps its colours; the
+    layout of a colour-blind encoder does not carry them, so the prompt sets
+    them, and `load_augmented` renames the carried colour mask to match."""
+    captions = {}
+    for line in (pool / "images" / "metadata.jsonl").read_text().splitlines():
+        e = json.loads(line)
+        captions[e["file_name"]] = e["text"]
+    rng = np.random.default_rng([seed, 4242])
+    prompts = []
+    for name in sorted(captions)[:count]:
+        for _ in range(ks * per_image):
+            prompts.append(recolour_caption(captions[name], list(rng.permutation(len(COLOUR_WORDS)))))
+    return prompts
 
 
 @dataclass
@@ -110,9 +159,12 @@ def load_real(folder: Path, count: int | None = None) -> Data:
     return Data(*to_tensors(images, colour, shape), np.ones(n), np.arange(n))
 
 
-def load_augmented(folder: Path, sources: list[str]) -> Data:
+def load_augmented(folder: Path, sources: list[str], captions: dict[str, str] | None = None) -> Data:
     """A `lumen augment --masks --coco` output: every manifest line whose
-    source is in `sources` (their index there becomes `Data.sources`)."""
+    source is in `sources` (their index there becomes `Data.sources`). With
+    the sources' `captions`, an output made with a prompt that renames the
+    caption's colours (`recoloured_prompts`) has its carried colour mask
+    renamed the same way."""
     from pycocotools.coco import COCO
 
     coco = COCO(str(folder / "annotations.json"))
@@ -123,8 +175,15 @@ def load_augmented(folder: Path, sources: list[str]) -> Data:
     for m in lines:
         out = np.asarray(Image.open(folder / m["output"]).convert("RGB"))
         mask = next(p for p in m["labels"] if p.startswith("masks/"))
+        carried = np.asarray(Image.open(folder / mask)).astype(np.int64)
+        if captions is not None:
+            table = renamed_classes(captions[Path(m["source"]).name], m["prompt"])
+            if table is None:
+                what = f"prompt {m['prompt']!r} does not rename its source's colours"
+                raise ValueError(f"{m['output']}: {what}")
+            carried = table[carried]
         images.append(out)
-        colour.append(np.asarray(Image.open(folder / mask)).astype(np.int64))
+        colour.append(carried)
         shape.append(shape_map(coco, m["coco_image_id"], out.shape[:2]))
         scores.append(m["score"])
         src.append(index[Path(m["source"]).name])
@@ -406,23 +465,40 @@ def study(
     runs_path: Path | None = None,
     only: tuple[str, ...] | None = None,
     log=print,
+    prompts: str = "captions",
 ) -> dict:
     """Runs every (condition, N, seed) not yet in `runs_path` (default
     WORK/runs.jsonl) with this data and budget; returns the runs, the
     per-cell mean and std, and the label agreement of the outputs. `only`:
-    these conditions alone (names as `conditions` gives them)."""
+    these conditions alone (names as `conditions` gives them). `prompts`:
+    `captions` (each source's caption, its colour labels carried as they
+    are) or `recoloured` (`recoloured_prompts`, the colour labels renamed
+    with the prompt's colours; outputs in WORK/augmented-recoloured)."""
     budget = budget or Budget()
     work.mkdir(parents=True, exist_ok=True)
-    pool, test_dir, aug = work / "pool", work / "test", work / "augmented"
+    if prompts not in ("captions", "recoloured"):
+        raise ValueError(f"prompts must be captions or recoloured, not {prompts!r}")
+    pool, test_dir = work / "pool", work / "test"
+    aug = work / ("augmented" if prompts == "captions" else "augmented-recoloured")
+    extra = list(extra or [])
     for folder, seed, count in ((pool, POOL_SEED, max(sizes)), (test_dir, TEST_SEED, test_count)):
         if not (folder / "coco.json").is_file() or len(list((folder / "images").glob("*.png"))) != count:
             write_dataset(folder, seed, count)
+    captions = None
+    if prompts == "recoloured":
+        listed = recoloured_prompts(pool, max(sizes), len(components.split(",")), per_image, seed=0)
+        (work / "prompts-recoloured.txt").write_text("".join(p + "\n" for p in listed))
+        extra += ["--prompts", str(work / "prompts-recoloured.txt")]
+        captions = {
+            json.loads(x)["file_name"]: json.loads(x)["text"]
+            for x in (pool / "images" / "metadata.jsonl").read_text().splitlines()
+        }
     started = time.perf_counter()
-    augment(lumen, models, pool, aug, per_image, components, extra or [])
+    augment(lumen, models, pool, aug, per_image, components, extra)
     augment_seconds = time.perf_counter() - started
     real_all, test = load_real(pool), load_real(test_dir)
     names = [f"{i:06d}.png" for i in range(len(real_all))]
-    synth_all = load_augmented(aug, names)
+    synth_all = load_augmented(aug, names, captions)
     agreement = label_agreement(synth_all)
     geometry = geometry_agreement(synth_all)
     runs_path = runs_path or work / "runs.jsonl"
