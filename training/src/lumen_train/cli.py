@@ -113,7 +113,13 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--seeds", type=int, default=2, help="images per guide, K and prompt")
     e.add_argument("--components", default="1,2,3,4,5,6,7,8", help="the Ks, comma-separated")
     e.add_argument("--size", type=int, help="output side (default: the model's); scored at the guide's size")
-    e.add_argument("--prompts", choices=["both", "caption", "none"], default="both")
+    e.add_argument(
+        "--prompts",
+        choices=["both", "caption", "none", "recoloured", "all"],
+        default="both",
+        help="caption, none, both; recoloured: the caption with its colours renamed, "
+        "scored against the renamed colours; all: the three",
+    )
     e.add_argument("--keep", type=Path, help="also write each guide's outputs here")
     e.add_argument("--json", type=Path, help="also write the rows as JSON here")
     ds = ss.add_parser(
@@ -210,7 +216,13 @@ def shapes(a: argparse.Namespace) -> None:
         from lumen_train.shapes.evaluate import evaluate, markdown, to_json
 
         ks = [int(k) for k in a.components.split(",")]
-        prompts = {"both": (True, False), "caption": (True,), "none": (False,)}[a.prompts]
+        prompts = {
+            "both": (True, False),
+            "caption": (True,),
+            "none": (False,),
+            "recoloured": ("recoloured",),
+            "all": (True, False, "recoloured"),
+        }[a.prompts]
         extra = [] if a.size is None else ["--width", str(a.size), "--height", str(a.size)]
         rows = evaluate(a.lumen, a.models, a.guides, a.seeds, ks, prompts, extra, keep=a.keep)
         if a.json:

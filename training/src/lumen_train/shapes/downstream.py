@@ -41,7 +41,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import subprocess
 import time
 from dataclasses import asdict, dataclass
@@ -56,41 +55,12 @@ from torch import nn
 from lumen_train.shapes import world
 from lumen_train.shapes.dataset import write_dataset
 from lumen_train.shapes.evaluate import colour_miou
+from lumen_train.shapes.world import recolour_caption, renamed_classes
 
 POOL_SEED, TEST_SEED = 2, 3
 IGNORE = -100  # a label the loss skips (cross_entropy's ignore_index)
 COLOUR_CLASSES = len(world.CLASS_NAMES)  # background + 6 colours
 SHAPE_CLASSES = 1 + len(world.KINDS)  # background + circle, square, triangle
-
-
-COLOUR_WORDS = list(world.COLOURS)
-_COLOUR_RE = re.compile(r"\b(" + "|".join(COLOUR_WORDS) + r")\b")
-
-
-def colours_named(text: str) -> list[str]:
-    """The colour words of a caption, in order."""
-    return _COLOUR_RE.findall(text)
-
-
-def recolour_caption(caption: str, permutation: list[int]) -> str:
-    """The caption with every colour renamed: colour i becomes colour permutation[i]."""
-    return _COLOUR_RE.sub(lambda m: COLOUR_WORDS[permutation[COLOUR_WORDS.index(m.group(1))]], caption)
-
-
-def renamed_classes(source_caption: str, prompt: str) -> np.ndarray | None:
-    """The colour-class map (old class → new class, background kept) that
-    turns the source's caption into the prompt it was made with, or None
-    when the prompt does not rename the caption's colours consistently."""
-    old, new = colours_named(source_caption), colours_named(prompt)
-    if _COLOUR_RE.sub("", source_caption) != _COLOUR_RE.sub("", prompt) or len(old) != len(new):
-        return None
-    table = np.arange(COLOUR_CLASSES)
-    seen: dict[str, str] = {}
-    for o, n in zip(old, new, strict=True):
-        if seen.setdefault(o, n) != n:
-            return None
-        table[1 + COLOUR_WORDS.index(o)] = 1 + COLOUR_WORDS.index(n)
-    return table
 
 
 def recoloured_prompts(pool: Path, count: int, ks: int, per_image: int, seed: int) -> list[str]:
@@ -107,7 +77,7 @@ def recoloured_prompts(pool: Path, count: int, ks: int, per_image: int, seed: in
     prompts = []
     for name in sorted(captions)[:count]:
         for _ in range(ks * per_image):
-            prompts.append(recolour_caption(captions[name], list(rng.permutation(len(COLOUR_WORDS)))))
+            prompts.append(recolour_caption(captions[name], list(rng.permutation(len(world.COLOURS)))))
     return prompts
 
 

@@ -34,7 +34,7 @@ from lumen_train.shapes import world
 @dataclass
 class Row:
     components: int
-    prompt: bool
+    prompt: bool | str  # True: the caption; False: none; "recoloured" (see `evaluate`)
     foreground_iou: float
     colour_miou: float
     diversity: float
@@ -118,8 +118,12 @@ def evaluate(
     extra: list[str] | None = None,
     keep: Path | None = None,
 ) -> list[Row]:
-    """The table over `ks` (default 1 … 8) × prompt on/off, averaged over
-    `guides` held-out guides and `seeds` seeds each."""
+    """The table over `ks` (default 1 … 8) × `prompts`, averaged over
+    `guides` held-out guides and `seeds` seeds each. A prompt is True (the
+    caption), False (none) or "recoloured": the caption with its colours
+    renamed by a permutation drawn per guide, the output then scored against
+    the guide's segmentation with its colours renamed the same way (does
+    the prompt set the colours while the layout keeps the shapes?)."""
     ks = ks or list(range(1, 9))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -130,13 +134,17 @@ def evaluate(
             path = tmp / f"guide-{i:03d}.png"
             Image.fromarray(image).save(path)
             drawn.append((path, caption, world.segment(image)))
+        rng = np.random.default_rng(5)
+        renamings = [list(rng.permutation(len(world.COLOURS))) for _ in drawn]
         for k, with_prompt in itertools.product(ks, prompts):
             fg, miou, div, n = [], [], [], 0
             for i, (path, caption, seg) in enumerate(drawn):
                 out = tmp / f"out-{i:03d}.png"
-                outs = synthesize(
-                    lumen, models, path, k, caption if with_prompt else "", seeds, out, extra or []
-                )
+                prompt = caption if with_prompt else ""
+                if with_prompt == "recoloured":
+                    prompt = world.recolour_caption(caption, renamings[i])
+                    seg = world.renamed_classes(caption, prompt)[seg]
+                outs = synthesize(lumen, models, path, k, prompt, seeds, out, extra or [])
                 for o in outs:
                     if o.shape != seg.shape + (3,):  # another output size: compared at the guide's
                         o = np.asarray(Image.fromarray(o).resize(seg.shape[::-1], Image.NEAREST))
@@ -148,7 +156,7 @@ def evaluate(
                 if keep is not None:
                     keep.mkdir(parents=True, exist_ok=True)
                     Image.fromarray(np.concatenate(outs, 1)).save(
-                        keep / f"guide-{i:03d}-k{k}-{'prompt' if with_prompt else 'none'}.png"
+                        keep / f"guide-{i:03d}-k{k}-{label(with_prompt)}.png"
                     )
             rows.append(
                 Row(
@@ -166,6 +174,10 @@ def evaluate(
     return rows
 
 
+def label(prompt: bool | str) -> str:
+    return {True: "caption", False: "none"}.get(prompt, str(prompt))
+
+
 def markdown(rows: list[Row]) -> str:
     lines = [
         "| K | prompt | images | foreground IoU: mean | worst decile | colour mIoU: mean | worst decile "
@@ -174,7 +186,7 @@ def markdown(rows: list[Row]) -> str:
     ]
     for r in rows:
         lines.append(
-            f"| {r.components} | {'caption' if r.prompt else 'none'} | {r.images} | {r.foreground_iou:.3f} | "
+            f"| {r.components} | {label(r.prompt)} | {r.images} | {r.foreground_iou:.3f} | "
             f"{r.foreground_iou_p10:.3f} | {r.colour_miou:.3f} | {r.colour_miou_p10:.3f} | {r.failures} | "
             f"{r.diversity:.3f} |"
         )

@@ -12,6 +12,7 @@ disjoint streams (training uses seed 0, held-out evaluation seed 1).
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +69,36 @@ def caption(shapes: list[Shape]) -> str:
     if len(names) == 1:
         return names[0]
     return ", ".join(names[:-1]) + " and " + names[-1]
+
+
+COLOUR_WORDS = list(COLOURS)
+_COLOUR_RE = re.compile(r"\b(" + "|".join(COLOUR_WORDS) + r")\b")
+
+
+def colours_named(text: str) -> list[str]:
+    """The colour words of a caption, in order."""
+    return _COLOUR_RE.findall(text)
+
+
+def recolour_caption(caption: str, permutation: list[int]) -> str:
+    """The caption with every colour renamed: colour i becomes colour permutation[i]."""
+    return _COLOUR_RE.sub(lambda m: COLOUR_WORDS[permutation[COLOUR_WORDS.index(m.group(1))]], caption)
+
+
+def renamed_classes(source_caption: str, prompt: str) -> np.ndarray | None:
+    """The colour-class map (old class → new class, background kept) that
+    turns the source's caption into the prompt it was made with, or None
+    when the prompt does not rename the caption's colours consistently."""
+    old, new = colours_named(source_caption), colours_named(prompt)
+    if _COLOUR_RE.sub("", source_caption) != _COLOUR_RE.sub("", prompt) or len(old) != len(new):
+        return None
+    table = np.arange(len(CLASS_NAMES))
+    seen: dict[str, str] = {}
+    for o, n in zip(old, new, strict=True):
+        if seen.setdefault(o, n) != n:
+            return None
+        table[1 + COLOUR_WORDS.index(o)] = 1 + COLOUR_WORDS.index(n)
+    return table
 
 
 def sample(seed: int, index: int) -> tuple[np.ndarray, str, list[Shape], str]:
