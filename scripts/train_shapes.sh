@@ -2,8 +2,9 @@
 # Regenerate the embedded shapes model (models/shapes) from seeds, on the CPU:
 #   1. the world: 20,000 training images with captions (split seed 0)
 #   2. the base: random DINOv2 encoder (patch 4) and CLIP text encoder, tokenizer, scheduler
-#   3. the layout encoder, trained without labels to ignore colour
-#      (lumen-train shapes encoder: dense contrastive views, recoloured)
+#   3. only with ENCODER_STEPS > 0: the layout encoder, trained without labels
+#      to ignore colour (lumen-train shapes encoder: dense contrastive views,
+#      recoloured); the committed model keeps the random encoder
 #   4. the VAE, the text-to-image UNet           (lumen-train shapes vae|unet)
 #   5. the PCA basis (Kmax 8) and the layouts    (lumen fit-pca, lumen layouts)
 #   6. the LUMEN ControlNet with random-K truncation (lumen-train controlnet),
@@ -19,7 +20,11 @@
 # e.g. models/shapes: its encoder, text encoder, VAE, UNet, PCA basis and
 # ControlNet are reused in float32; only the layouts and the tune stage run),
 # TUNE_STEPS (default 1000), CONTROLNET_STEPS (default 8000), CONTROLNET_INIT
-# (a ControlNet folder to start the controlnet stage from instead of the UNet).
+# (a ControlNet folder to start the controlnet stage from instead of the UNet),
+# ENCODER_STEPS (default 0: no encoder stage), ENCODER_GEOMETRY (the encoder's
+# geometry_weight, default 0), JITTER_BELOW (default 0; K > 0: colour-jittered
+# copies of the images and their layouts, which condition the ControlNet's
+# samples with K at most this, so that the prompt sets the colours there).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${WORK:-target/shapes}
@@ -54,20 +59,30 @@ if [ -n "${BASE_FROM:-}" ]; then
     stage reuse "${train[@]}" shapes unpack --model "$BASE_FROM" --out "$WORK/base"
 else
     stage base "${train[@]}" shapes base --out "$WORK/base" --seed 0
-    stage encoder "${train[@]}" shapes encoder --models "$WORK/base" --work "$WORK/encoder-run" --steps 1500 --batch-size 32
+    if [ "${ENCODER_STEPS:-0}" -gt 0 ]; then
+        stage encoder "${train[@]}" shapes encoder --models "$WORK/base" --work "$WORK/encoder-run" \
+            --steps "$ENCODER_STEPS" --batch-size 32 --geometry-weight "${ENCODER_GEOMETRY:-0}"
+    fi
     stage vae "${train[@]}" shapes vae --models "$WORK/base" --work "$WORK/vae-run" --steps 2000 --batch-size 16
     stage unet "${train[@]}" shapes unet --models "$WORK/base" --work "$WORK/unet-run" --steps 3000 --batch-size 32
     stage pca "$LUMEN" fit-pca --models "$WORK/base" --images "$WORK/images" --components 8 \
         --max-images 5000 --out "$WORK/base/pca.safetensors" --quiet
 fi
 stage layouts "$LUMEN" layouts --models "$WORK/base" --images "$WORK/images" --out "$WORK/layouts" --quiet
+jitter=()
+if [ "${JITTER_BELOW:-0}" -gt 0 ]; then
+    stage jitter "${train[@]}" shapes jitter --images "$WORK/images" --out "$WORK/images-jitter" --seed 0
+    stage layouts-jitter "$LUMEN" layouts --models "$WORK/base" --images "$WORK/images-jitter" \
+        --out "$WORK/layouts-jitter" --quiet
+    jitter=(--jitter-data "$WORK/layouts-jitter" --jitter-below "$JITTER_BELOW")
+fi
 if [ -n "${BASE_FROM:-}" ]; then
     FROM=$BASE_FROM/controlnet
 else
     stage controlnet "${train[@]}" controlnet --models "$WORK/base" --data "$WORK/layouts" --images "$WORK/images" \
         --output "$WORK/model" --resolution 64 --batch-size 32 --lr 2e-4 --max-steps "${CONTROLNET_STEPS:-8000}" \
         --checkpoint-every 250 --validate-every 1000 --k-distribution uniform --caption-dropout 0.5 \
-        --seed 0 --log-every 50 --resume ${CONTROLNET_INIT:+--init-controlnet "$CONTROLNET_INIT"}
+        --seed 0 --log-every 50 --resume ${CONTROLNET_INIT:+--init-controlnet "$CONTROLNET_INIT"} "${jitter[@]}"
     FROM=$WORK/model/controlnet
 fi
 # Then further with timesteps drawn towards the noisy end, where sampling
@@ -76,7 +91,7 @@ fi
 stage tune "${train[@]}" controlnet --models "$WORK/base" --data "$WORK/layouts" --images "$WORK/images" \
     --output "$WORK/tuned" --init-controlnet "$FROM" --resolution 64 --batch-size 32 --lr 1e-4 \
     --max-steps "${TUNE_STEPS:-1000}" --checkpoint-every 250 --validate-every 1000 --k-distribution uniform \
-    --caption-dropout 0.5 --timestep-sampling cubic --seed 1 --log-every 50 --resume
+    --caption-dropout 0.5 --timestep-sampling cubic --seed 1 --log-every 50 --resume "${jitter[@]}"
 stage pack "${train[@]}" shapes pack --model "$WORK/tuned" --out "$OUT"
 awk -F'\t' '{u[$1]+=$2; s[$1]+=$3; w[$1]+=$4; U+=$2; S+=$3; W+=$4}
     END {for (k in u) printf "%-11s cpu %8.0f s  wall %7.0f s\n", k, u[k]+s[k], w[k];

@@ -73,3 +73,52 @@ def test_the_objective_learns_on_a_tiny_encoder():
     # Start: a random encoder's tokens hold colour, so some patches are found
     # already; the end must be below it (measured: 5.5 → 4.1 in 30 steps).
     assert sum(losses[-5:]) / 5 < 0.85 * sum(losses[:5]) / 5, losses
+
+
+def test_geometry_targets_are_the_edges_and_the_largest_region():
+    x = batch(2)
+    index = encoder.colour_index(x)
+    patch = base.ENCODER["patch_size"]
+    t = encoder.geometry_targets(index, patch)
+    g = x.shape[-1] // patch
+    assert t.shape == (2, g * g, 3 * patch * patch)
+    maps = t.reshape(2, g, g, 3, patch, patch).permute(0, 3, 1, 4, 2, 5).reshape(2, 3, g * patch, g * patch)
+    assert torch.equal(maps[:, 2].bool(), index == 0)
+    assert torch.equal(maps[:, 0, :, :-1].bool(), index[:, :, :-1] != index[:, :, 1:])
+    assert torch.equal(maps[:, 1, :-1].bool(), index[:, :-1] != index[:, 1:])
+    assert not maps[:, 0, :, -1].any() and not maps[:, 1, -1].any()
+    # Colour-blind: any renaming of the colours gives the same targets.
+    gen = torch.Generator().manual_seed(0)
+    v = encoder.remap(x, index, 1.0, gen)
+    assert torch.equal(encoder.geometry_targets(encoder.colour_index(v), patch), t)
+
+
+def test_jitter_folder_keeps_the_regions_in_new_colours(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from lumen_train.shapes import world
+
+    src = tmp_path / "images"
+    world.write_split(src, world.TRAIN_SEED, 6)
+    out = tmp_path / "jitter"
+    assert encoder.jitter_folder(src, out, seed=0) == {"images": 6, "made": 6, "out": str(out)}
+    assert (out / "metadata.jsonl").read_text() == (src / "metadata.jsonl").read_text()
+
+    def pixels(path):
+        return torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy()).permute(2, 0, 1)[None]
+
+    for f in sorted(src.glob("*.png")):
+        a, b = pixels(f), pixels(out / f.name)
+        ia, ib = encoder.colour_index(a.float() / 255), encoder.colour_index(b.float() / 255)
+        # The same partition into regions (up to the labelling of each region) ...
+        pairs = set(zip(ia.reshape(-1).tolist(), ib.reshape(-1).tolist(), strict=True))
+        assert len(pairs) == len(ia.unique()) == len(ib.unique()), f.name
+        # ... in colours that moved.
+        assert (a.float() - b.float()).abs().mean() > 10, f.name
+    # Resumable and seeded: a rerun makes nothing; another seed, other colours.
+    assert encoder.jitter_folder(src, out, seed=0)["made"] == 0
+    other = tmp_path / "other"
+    encoder.jitter_folder(src, other, seed=1)
+    first = sorted(src.glob("*.png"))[0].name
+    assert (out / first).read_bytes() != (other / first).read_bytes()

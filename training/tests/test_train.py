@@ -142,6 +142,7 @@ def test_bad_inputs_are_named(images, layouts, tmp_path):
     args[args.index("--models") + 1] = str(other)
     fails(args, "another PCA basis")
     fails(base_args(images, layouts, tmp_path / "o", batch_size=0), "--batch-size")
+    fails(base_args(images, layouts, tmp_path / "o", jitter_below=2), "--jitter-below needs --jitter-data")
 
 
 def test_validation_grids_show_guides_at_several_k(images, layouts, tmp_path):
@@ -232,3 +233,67 @@ def test_training_can_start_from_a_trained_controlnet(images, layouts, tmp_path)
             assert needle in str(e) and str(folder) in str(e)
         else:
             raise AssertionError(f"{folder}: accepted")
+
+
+def test_jittered_layouts_condition_the_low_k_samples(lumen, images, layouts, tmp_path):
+    # A second export of the same file names from other pixels (mirrored, so
+    # same sizes): samples with k <= jitter_below take their layout from it,
+    # the image and caption stay the original's.
+    from conftest import run_lumen
+    from PIL import Image, ImageOps
+
+    from lumen_train.data import ExportError
+
+    mirrored = tmp_path / "mirrored"
+    for f in images.rglob("*"):
+        target = mirrored / f.relative_to(images)
+        if f.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+        elif f.suffix == ".png":
+            target.parent.mkdir(parents=True, exist_ok=True)
+            ImageOps.mirror(Image.open(f)).save(target)
+    jittered = tmp_path / "jittered"
+    run_lumen(lumen, "layouts", "--models", TINY, "--images", mirrored, "--out", jittered, "--quiet")
+    frozen = Frozen(TINY, torch.device("cpu"))
+    export, other = LayoutsExport(layouts), LayoutsExport(jittered)
+
+    def draw(jitter, below, i):
+        s = Samples(export, images, 64, frozen.multiple, KSampler(export.kmax, "full"), 0.0, 0, jitter, below)
+        return s.batch([i], 0, frozen.tokenize)
+
+    own = Samples(other, mirrored, 64, frozen.multiple, KSampler(export.kmax, "full"), 0.0, 0)
+    for i in (0, 1):
+        plain, low, high = draw(None, 0, i), draw(other, export.kmax, i), draw(other, export.kmax - 1, i)
+        assert torch.equal(plain["pixel_values"], low["pixel_values"])
+        assert torch.equal(plain["input_ids"], low["input_ids"])
+        assert torch.equal(plain["conditioning"], high["conditioning"])  # k = kmax > below
+        assert not torch.allclose(plain["conditioning"], low["conditioning"], atol=1e-3)
+        # The mirrored export's own sample gives exactly the jittered conditioning.
+        j = next(j for j, r in enumerate(other.rows) if r.source == export.rows[i].source)
+        assert torch.equal(own.batch([j], 0, frozen.tokenize)["conditioning"], low["conditioning"])
+
+    # A jitter export that lacks an image is refused, naming it.
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "dataset.json").write_text((jittered / "dataset.json").read_text())
+    lines = (jittered / "index.jsonl").read_text().splitlines()
+    (partial / "index.jsonl").write_text("\n".join(lines[1:]) + "\n")
+    for shard in {json.loads(line)["shard"] for line in lines}:
+        (partial / shard).symlink_to(jittered / shard)
+    missing = json.loads(lines[0])["source"]
+    try:
+        Samples(
+            export,
+            images,
+            64,
+            frozen.multiple,
+            KSampler(export.kmax, "full"),
+            0.0,
+            0,
+            LayoutsExport(partial),
+            1,
+        )
+    except ExportError as e:
+        assert missing in str(e) and "index.jsonl" in str(e), e
+    else:
+        raise AssertionError("a jitter export without every image was accepted")

@@ -5,12 +5,12 @@
                 [--mixed-precision no|fp16|bf16] [--gradient-checkpointing] [--checkpoint-every 500]
                 [--resume] [--validate-every 0] [--k-distribution uniform|low|high|full]
                 [--caption-dropout 0.5] [--timestep-sampling uniform|cubic]
-                [--init-controlnet DIR] [--seed 0]
+                [--init-controlnet DIR] [--jitter-data DIR --jitter-below K] [--seed 0]
 
 BASE_DIR is the lumen model folder the layouts were exported with (`lumen
 layouts --models BASE_DIR`); OUT_DIR becomes a complete lumen model folder.
 
-    lumen-train shapes world|dataset|base|encoder|vae|unet|probe|pack|unpack|evaluate|downstream ...
+    lumen-train shapes world|dataset|base|encoder|vae|unet|jitter|probe|pack|unpack|evaluate|downstream ...
 
 The shapes world and the stages that make and measure lumen's embedded model
 (scripts/train_shapes.sh runs them in order).
@@ -65,6 +65,18 @@ def parser() -> argparse.ArgumentParser:
         type=Path,
         help="start from this trained ControlNet folder instead of a copy of the UNet",
     )
+    c.add_argument(
+        "--jitter-data",
+        type=Path,
+        help="a `lumen layouts` export of colour-jittered copies of the same images (same file names)",
+    )
+    c.add_argument(
+        "--jitter-below",
+        type=int,
+        default=0,
+        help="samples with K at most this take their layout from --jitter-data (the target stays the "
+        "original): the prompt, not the layout, sets colour at low K",
+    )
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--log-every", type=int, default=10)
     shapes = sub.add_parser("shapes", help="the shapes world and its embedded model (see lumen_train.shapes)")
@@ -94,6 +106,22 @@ def parser() -> argparse.ArgumentParser:
         t.add_argument("--batch-size", type=int, default=batch)
         t.add_argument("--lr", type=float, default=lr)
         t.add_argument("--checkpoint-every", type=int, default=100)
+        if name == "encoder":
+            t.add_argument(
+                "--flat-weight", type=float, default=0.1, help="anchor weight of single-colour patches"
+            )
+            t.add_argument(
+                "--geometry-weight",
+                type=float,
+                default=0.0,
+                help="weight of the colour-blind geometry term (edges and largest region per patch)",
+            )
+    j = ss.add_parser(
+        "jitter", help="colour-jittered copies of an image folder (every distinct colour a random one)"
+    )
+    j.add_argument("--images", type=Path, required=True)
+    j.add_argument("--out", type=Path, required=True)
+    j.add_argument("--seed", type=int, default=0)
     pr = ss.add_parser("probe", help="how much shape and colour an encoder's K-component layout holds (JSON)")
     pr.add_argument("--models", type=Path, required=True, help="a folder with encoder/")
     pr.add_argument("--components", type=int, default=8)
@@ -229,6 +257,11 @@ def shapes(a: argparse.Namespace) -> None:
             a.json.write_text(to_json(rows) + "\n")
         print(markdown(rows))
         return
+    if a.stage == "jitter":
+        from lumen_train.shapes.encoder import jitter_folder
+
+        print(json.dumps(jitter_folder(a.images, a.out, a.seed)))
+        return
     if a.stage == "probe":
         from lumen_train.shapes.encoder import probe
 
@@ -239,7 +272,9 @@ def shapes(a: argparse.Namespace) -> None:
     if a.stage == "encoder":
         from lumen_train.shapes.encoder import train_encoder
 
-        print(json.dumps(train_encoder(a.models, a.work, a.steps, a.batch_size, a.lr, a.checkpoint_every)))
+        objective = {"flat_weight": a.flat_weight, "geometry_weight": a.geometry_weight}
+        args = (a.models, a.work, a.steps, a.batch_size, a.lr, a.checkpoint_every)
+        print(json.dumps(train_encoder(*args, **objective)))
         return
     trainer = fit.train_vae if a.stage == "vae" else fit.train_unet
     print(json.dumps(trainer(a.models, a.work, a.steps, a.batch_size, a.lr, a.checkpoint_every)))
@@ -255,6 +290,10 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"error: --{name.replace('_', '-')} must be at least 1")
     if not 0.0 <= a.caption_dropout <= 1.0:
         sys.exit("error: --caption-dropout must be within 0..1")
+    if a.jitter_below < 0:
+        sys.exit("error: --jitter-below must be at least 0")
+    if a.jitter_below and not a.jitter_data:
+        sys.exit("error: --jitter-below needs --jitter-data")
     from lumen_train.train import Options, train
 
     opts = Options(**{k: v for k, v in vars(a).items() if k != "command"})

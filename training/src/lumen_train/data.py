@@ -6,6 +6,14 @@ to lumen's default output size for it (its aspect, longer side =
 conditioning built from its layout at that size and truncated to a random K,
 and its caption (dropped to "" with probability `caption_dropout`).
 
+With a second export of colour-jittered copies of the same images
+(`jitter`), a sample whose K is at most `jitter_below` takes its layout from
+its jittered copy while the target stays the original image: the coarse
+layouts then say nothing reliable about colour, so the ControlNet learns to
+take colour from the prompt at low K and from the layout only at high K
+(DINOv2's colour-jitter invariance, applied to the conditioning of an
+encoder that lacks it).
+
 Everything random is derived from (seed, micro-batch index, sample), never
 from global state, so a resumed run draws exactly what the uninterrupted one
 would have, and every process draws its own batches.
@@ -124,12 +132,33 @@ class Samples:
         ksampler: KSampler,
         caption_dropout: float,
         seed: int,
+        jitter: LayoutsExport | None = None,
+        jitter_below: int = 0,
     ):
         self.export = export
         self.images = Path(images)
         self.ksampler = ksampler
         self.caption_dropout = caption_dropout
         self.seed = seed
+        self.jitter_below = jitter_below if jitter is not None else 0
+        self.jitter, self.jitter_row = jitter, {}
+        if jitter is not None:
+            if jitter.kmax != export.kmax:
+                raise ExportError(
+                    f"{jitter.root / 'dataset.json'}: {jitter.kmax} components, "
+                    f"the layouts have {export.kmax} (export both with the same model)"
+                )
+            rows = {r.source: i for i, r in enumerate(jitter.rows)}
+            for r in export.rows:
+                if r.source not in rows:
+                    raise ExportError(f"{jitter.root / 'index.jsonl'}: no row for {r.source}")
+                j = jitter.rows[rows[r.source]]
+                if (j.width, j.height) != (r.width, r.height):
+                    raise ExportError(
+                        f"{jitter.root / 'index.jsonl'}: {r.source} is {j.width}x{j.height}, "
+                        f"the original {r.width}x{r.height}"
+                    )
+            self.jitter_row = rows
         self.sizes = [output_size(r.width, r.height, resolution, multiple) for r in export.rows]
         for r in export.rows:
             if not (self.images / r.source).is_file():
@@ -159,7 +188,11 @@ class Samples:
             rng = np.random.default_rng([self.seed, micro, j, 1])
             row = self.export.rows[i]
             k = self.ksampler.draw(rng)
-            cond = conditioning(self.export.layout(i), self.export.kmax, h, w)
+            if k <= self.jitter_below:
+                layout = self.jitter.layout(self.jitter_row[row.source])
+            else:
+                layout = self.export.layout(i)
+            cond = conditioning(layout, self.export.kmax, h, w)
             conds.append(truncate(cond, k))
             pixels.append(image_tensor(self.images / row.source, w, h))
             ks.append(k)

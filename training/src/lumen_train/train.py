@@ -50,6 +50,8 @@ class Options:
     caption_dropout: float = 0.5
     timestep_sampling: str = "uniform"
     init_controlnet: Path | None = None
+    jitter_data: Path | None = None
+    jitter_below: int = 0
     seed: int = 0
     log_every: int = 10
 
@@ -229,6 +231,8 @@ def train(o: Options) -> dict:
         KSampler(export.kmax, o.k_distribution),
         o.caption_dropout,
         o.seed,
+        LayoutsExport(o.jitter_data) if o.jitter_data else None,
+        o.jitter_below,
     )
     plan = Plan(samples, o.batch_size, rank, world)
 

@@ -25,7 +25,13 @@ objective over two views of each unlabelled training image:
   that hold more than one colour (edges, corners, small shapes) with weight
   1 and from single-colour patches with weight `flat_weight`: a flat
   background patch can only be told from another by its distance to the
-  nearest shape, which is position, not shape.
+  nearest shape, which is position, not shape;
+- optionally (`geometry_weight` > 0) a colour-blind reconstruction term: a
+  linear decoder on each student token predicts, per pixel of its patch,
+  whether the colour changes to the right and below and whether the pixel
+  belongs to the image's largest colour region. Colour invariance alone
+  lets the encoder drop where an outline runs inside a patch; this keeps it,
+  and the targets come from the pixels, not from labels.
 
 The encoder keeps its architecture (the base's config); the trained weights
 replace `MODELS/encoder`. The run is resumable (`fit.Run`). `probe` judges
@@ -34,11 +40,14 @@ world's labels used only for that judgement."""
 
 from __future__ import annotations
 
+import hashlib
+import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from lumen_train.shapes import fit, world
@@ -90,22 +99,69 @@ def shift(x: torch.Tensor, index: torch.Tensor, dy: int, dx: int, patch: int):
     return out, oi
 
 
+def jitter_folder(images: Path, out: Path, seed: int = 0) -> dict:
+    """Colour-jittered copies of a folder of flat-colour images (the shapes
+    world's): every distinct colour of an image, background included, becomes
+    a uniform random colour of its own, seeded by (seed, file name), so the
+    copy has the same regions in new colours. File names and
+    `metadata.jsonl` are kept; no labels are read. Resumable: existing copies
+    are kept."""
+    out.mkdir(parents=True, exist_ok=True)
+    files = sorted(p for p in images.iterdir() if p.suffix.lower() == ".png")
+    made = 0
+    for f in files:
+        target = out / f.name
+        if target.is_file():
+            continue
+        with Image.open(f) as img:
+            rgb = np.asarray(img.convert("RGB"), dtype=np.float32) / 255
+        x = torch.from_numpy(rgb).permute(2, 0, 1)[None]
+        digest = hashlib.sha256(f"{seed}/{f.name}".encode()).digest()
+        gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") % 2**63)
+        y = remap(x, colour_index(x), 1.0, gen)[0].permute(1, 2, 0).numpy()
+        tmp = out / (f.name + ".tmp")
+        Image.fromarray((y * 255).round().astype(np.uint8)).save(tmp, format="PNG")
+        tmp.rename(target)
+        made += 1
+    if (images / "metadata.jsonl").is_file():
+        shutil.copyfile(images / "metadata.jsonl", out / "metadata.jsonl")
+    return {"images": len(files), "made": made, "out": str(out)}
+
+
 class Head(nn.Sequential):
     def __init__(self, d: int, hidden: int = 128, out: int = 64):
         super().__init__(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, out))
 
 
 class Objective(nn.Module):
-    """The encoder and its projection head (only the encoder is kept)."""
+    """The encoder, its projection head and its geometry decoder (only the
+    encoder is kept)."""
 
     def __init__(self, encoder: nn.Module):
         super().__init__()
         self.encoder = encoder
         self.head = Head(encoder.config.hidden_size)
+        p = encoder.config.patch_size
+        self.geometry = nn.Linear(encoder.config.hidden_size, 3 * p * p)
 
     def tokens(self, pixels: torch.Tensor, masked: torch.Tensor | None = None) -> torch.Tensor:
         hidden = self.encoder(pixel_values=pixels, bool_masked_pos=masked).last_hidden_state
         return hidden[:, 1:]  # (B, h·w, D): no CLS (the base has no registers)
+
+
+def geometry_targets(index: torch.Tensor, patch: int) -> torch.Tensor:
+    """Per patch, three colour-blind maps of its pixels (B, h·w, 3·p·p): the
+    pixel differs from its right neighbour, from the one below, and belongs
+    to the image's largest colour region. They say where the edges run and
+    which side is the surrounding region, whatever the colours."""
+    b, h, w = index.shape
+    right = torch.zeros(b, h, w, dtype=torch.bool)
+    right[:, :, :-1] = index[:, :, :-1] != index[:, :, 1:]
+    below = torch.zeros(b, h, w, dtype=torch.bool)
+    below[:, :-1] = index[:, :-1] != index[:, 1:]
+    maps = torch.stack([right, below, index == 0], 1).float()  # (B, 3, H, W)
+    g, q = h // patch, w // patch
+    return maps.reshape(b, 3, g, patch, q, patch).permute(0, 2, 4, 1, 3, 5).reshape(b, g * q, -1)
 
 
 def views(x01: torch.Tensor, step: int, gen: torch.Generator, patch: int, curriculum: int, max_shift: int):
@@ -142,17 +198,23 @@ def loss_of(
     anchors: int = 1024,
     flat_weight: float = 0.1,
     tau: float = 0.1,
+    geometry_weight: float = 0.0,
 ) -> torch.Tensor:
     patch = obj.encoder.config.patch_size
     v1, v2, corr, mixed = views(x01, step, gen, patch, curriculum, max_shift)
     b, n = x01.shape[0], corr.numel() // x01.shape[0]
     masked = torch.rand(b, n, generator=gen) < mask_ratio
-    z1 = F.normalize(obj.head(obj.tokens(normalize(v1), masked)).reshape(b * n, -1), dim=-1)
+    t1 = obj.tokens(normalize(v1), masked)
+    z1 = F.normalize(obj.head(t1).reshape(b * n, -1), dim=-1)
     z2 = F.normalize(obj.head(obj.tokens(normalize(v2))).reshape(b * n, -1), dim=-1)
     weight = torch.where(mixed, 1.0, flat_weight) * (corr >= 0)
     pick = torch.multinomial(weight, min(anchors, int((weight > 0).sum())), generator=gen)
     logits = z1[pick] @ z2.T / tau
-    return F.cross_entropy(logits, corr[pick])
+    loss = F.cross_entropy(logits, corr[pick])
+    if geometry_weight:
+        target = geometry_targets(colour_index(x01), patch)
+        loss = loss + geometry_weight * F.binary_cross_entropy_with_logits(obj.geometry(t1), target)
+    return loss
 
 
 def train_encoder(
