@@ -19,7 +19,11 @@
 # UNTIL (stop after the stage of that name), BASE_FROM (a packed model folder,
 # e.g. models/shapes: its encoder, text encoder, VAE, UNet, PCA basis and
 # ControlNet are reused in float32; only the layouts and the tune stage run),
-# TUNE_STEPS (default 1000), CONTROLNET_STEPS (default 8000), CONTROLNET_INIT
+# FRESH_CONTROLNET (with BASE_FROM, 1: train the controlnet stage afresh from
+# the reused UNet instead of tuning BASE_FROM's ControlNet),
+# TUNE_STEPS (default 1000), TUNE_FROM (a ControlNet folder the tune stage
+# starts from instead of the controlnet stage's), TUNE_CAPTION_DROPOUT (default
+# 0.5), TUNE_SEED (default 1), CONTROLNET_STEPS (default 8000), CONTROLNET_INIT
 # (a ControlNet folder to start the controlnet stage from instead of the UNet),
 # ENCODER_STEPS (default 0: no encoder stage), ENCODER_GEOMETRY (the encoder's
 # geometry_weight, default 0), JITTER_BELOW (default 0; K > 0: colour-jittered
@@ -76,7 +80,7 @@ if [ "${JITTER_BELOW:-0}" -gt 0 ]; then
         --out "$WORK/layouts-jitter" --quiet
     jitter=(--jitter-data "$WORK/layouts-jitter" --jitter-below "$JITTER_BELOW")
 fi
-if [ -n "${BASE_FROM:-}" ]; then
+if [ -n "${BASE_FROM:-}" ] && [ "${FRESH_CONTROLNET:-0}" != 1 ]; then
     FROM=$BASE_FROM/controlnet
 else
     stage controlnet "${train[@]}" controlnet --models "$WORK/base" --data "$WORK/layouts" --images "$WORK/images" \
@@ -85,13 +89,15 @@ else
         --seed 0 --log-every 50 --resume ${CONTROLNET_INIT:+--init-controlnet "$CONTROLNET_INIT"} "${jitter[@]}"
     FROM=$WORK/model/controlnet
 fi
+FROM=${TUNE_FROM:-$FROM}
 # Then further with timesteps drawn towards the noisy end, where sampling
 # decides the layout (the failures of the uniform-only model: seeds that
 # lose the guide, small shapes that vanish).
 stage tune "${train[@]}" controlnet --models "$WORK/base" --data "$WORK/layouts" --images "$WORK/images" \
     --output "$WORK/tuned" --init-controlnet "$FROM" --resolution 64 --batch-size 32 --lr 1e-4 \
     --max-steps "${TUNE_STEPS:-1000}" --checkpoint-every 250 --validate-every 1000 --k-distribution uniform \
-    --caption-dropout 0.5 --timestep-sampling cubic --seed 1 --log-every 50 --resume "${jitter[@]}"
+    --caption-dropout "${TUNE_CAPTION_DROPOUT:-0.5}" --timestep-sampling cubic --seed "${TUNE_SEED:-1}" \
+    --log-every 50 --resume "${jitter[@]}"
 stage pack "${train[@]}" shapes pack --model "$WORK/tuned" --out "$OUT"
 awk -F'\t' '{u[$1]+=$2; s[$1]+=$3; w[$1]+=$4; U+=$2; S+=$3; W+=$4}
     END {for (k in u) printf "%-11s cpu %8.0f s  wall %7.0f s\n", k, u[k]+s[k], w[k];
