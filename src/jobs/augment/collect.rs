@@ -50,14 +50,16 @@ pub(super) fn make_images(
     };
     let mut fatal = None;
     loop {
+        // Look for a signal at every turn: outcomes may arrive faster than
+        // the timeout below, which would otherwise never fire.
+        if let (Some(signal), None) = (opts.interrupt.raised(), report.interrupted) {
+            report.interrupted = Some(signal);
+            dispatch.halt();
+        }
         // Wake up now and then to log progress and to see a signal.
         let outcome = match rx.recv_timeout(Duration::from_millis(200)) {
             Ok(o) => o,
             Err(mpsc::RecvTimeoutError::Timeout) => {
-                if let (Some(signal), None) = (opts.interrupt.raised(), report.interrupted) {
-                    report.interrupted = Some(signal);
-                    dispatch.halt();
-                }
                 progress.tick();
                 continue;
             }
