@@ -18,7 +18,8 @@
 # LUMEN (the lumen binary, default target/release/lumen, built if missing),
 # UNTIL (stop after the stage of that name), BASE_FROM (a packed model folder,
 # e.g. models/shapes: its encoder, text encoder, VAE, UNet, PCA basis and
-# ControlNet are reused in float32; only the layouts and the tune stage run),
+# ControlNet are reused in float32; only the layouts and the tune stage run;
+# with ENCODER_STEPS > 0 the reused encoder is trained and its PCA refitted),
 # FRESH_CONTROLNET (with BASE_FROM, 1: train the controlnet stage afresh from
 # the reused UNet instead of tuning BASE_FROM's ControlNet),
 # TUNE_STEPS (default 1000), TUNE_FROM (a ControlNet folder the tune stage
@@ -61,6 +62,13 @@ train=(env PYTHONPATH=training/src OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 stage world "${train[@]}" shapes world --out "$WORK/images" --count 20000 --seed 0
 if [ -n "${BASE_FROM:-}" ]; then
     stage reuse "${train[@]}" shapes unpack --model "$BASE_FROM" --out "$WORK/base"
+    if [ "${ENCODER_STEPS:-0}" -gt 0 ]; then
+        # A new layout encoder on the reused VAE and UNet: its own PCA basis.
+        stage encoder "${train[@]}" shapes encoder --models "$WORK/base" --work "$WORK/encoder-run" \
+            --steps "$ENCODER_STEPS" --batch-size 32 --geometry-weight "${ENCODER_GEOMETRY:-0}"
+        stage pca "$LUMEN" fit-pca --models "$WORK/base" --images "$WORK/images" --components 8 \
+            --max-images 5000 --out "$WORK/base/pca.safetensors" --quiet
+    fi
 else
     stage base "${train[@]}" shapes base --out "$WORK/base" --seed 0
     if [ "${ENCODER_STEPS:-0}" -gt 0 ]; then
